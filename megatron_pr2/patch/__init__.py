@@ -1,0 +1,23 @@
+"""Everything that knows megatron-core internals, one module per patch point.
+
+* ``router``: ``ReplayTopKRouter`` fills megatron's ``TopKRouter.router_replay`` hook.
+* ``spec``: ``with_replay_router`` injects it through ``MoESubmodules.router``.
+* ``guards``: configurations that would bypass the hook are refused.
+* ``version``: tested megatron-core versions (0.16.1, 0.19.2).
+
+Each patch point has a canary in ``tests/unit/test_patch_points.py``.
+"""
+
+from megatron_pr2.patch.guards import check_replay_compatible
+from megatron_pr2.patch.router import ReplayTopKRouter
+from megatron_pr2.patch.spec import replay_router_builder, with_replay_router
+from megatron_pr2.patch.version import check_megatron_core_version, megatron_core_version
+
+__all__ = [
+    "ReplayTopKRouter",
+    "check_megatron_core_version",
+    "check_replay_compatible",
+    "megatron_core_version",
+    "replay_router_builder",
+    "with_replay_router",
+]

@@ -1,0 +1,81 @@
+"""Patch point 2: put :class:`ReplayTopKRouter` into a GPT decoder spec (``MoESubmodules.router``).
+
+megatron-core 0.16 builds MoE layers from ``ModuleSpec(module=MoELayer, submodules=...)``; 0.19
+from ``functools.partial(MoELayer, submodules=...)``. Both are handled; the input spec is not
+modified (a copy is returned), and MTP block specs are left alone (their routers stay native).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_pr2.config import RouterReplayConfig
+from megatron_pr2.patch.router import ReplayTopKRouter
+
+
+def replay_router_builder(
+    replay_config: RouterReplayConfig | None = None, router_cls: type = ReplayTopKRouter
+) -> Callable[..., Any]:
+    """The callable megatron calls as ``submodules.router(config=..., pg_collection=...)``."""
+    return functools.partial(router_cls, replay_config=replay_config or RouterReplayConfig())
+
+
+def _is_moe_layer(module: Any) -> bool:
+    return isinstance(module, type) and issubclass(module, MoELayer)
+
+
+def _rewrite(spec: Any, router: Callable[..., Any]) -> tuple[Any, int]:
+    """Return (rewritten spec, number of MoE routers replaced)."""
+    if isinstance(spec, MoESubmodules):
+        return dataclasses.replace(spec, router=router), 1
+    if isinstance(spec, functools.partial):
+        if _is_moe_layer(spec.func) and "submodules" in spec.keywords:
+            submodules, n = _rewrite(spec.keywords["submodules"], router)
+            return functools.partial(
+                spec.func, *spec.args, **{**spec.keywords, "submodules": submodules}
+            ), n
+        return spec, 0
+    if isinstance(spec, ModuleSpec):
+        if spec.submodules is None:
+            return spec, 0
+        submodules, n = _rewrite(spec.submodules, router)
+        return (dataclasses.replace(spec, submodules=submodules), n) if n else (spec, 0)
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        # TransformerBlockSubmodules (layer_specs list), TransformerLayerSubmodules (mlp field).
+        changes: dict[str, Any] = {}
+        total = 0
+        for field in dataclasses.fields(spec):
+            value = getattr(spec, field.name)
+            if isinstance(value, list):
+                rewritten = [_rewrite(item, router) for item in value]
+                count = sum(n for _, n in rewritten)
+                if count:
+                    changes[field.name] = [s for s, _ in rewritten]
+            else:
+                new_value, count = _rewrite(value, router)
+                if count:
+                    changes[field.name] = new_value
+            total += count
+        return (dataclasses.replace(spec, **changes), total) if total else (spec, 0)
+    return spec, 0
+
+
+def with_replay_router(
+    spec: Any,
+    replay_config: RouterReplayConfig | None = None,
+    router_cls: type = ReplayTopKRouter,
+) -> Any:
+    """Copy of a decoder-block / layer / MoE spec whose MoE routers are ``router_cls``.
+
+    Raises ``ValueError`` if the spec has no MoE layer (a dense model has nothing to replay).
+    """
+    rewritten, count = _rewrite(spec, replay_router_builder(replay_config, router_cls))
+    if count == 0:
+        raise ValueError(f"no MoE layer found in spec {type(spec).__name__}; nothing to replay")
+    return rewritten

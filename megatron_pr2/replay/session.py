@@ -1,0 +1,147 @@
+"""The schedule side of replay: which routers exist on this rank, and what each pass makes them do.
+
+A :class:`ReplaySession` walks the live model chunks (never a global registry, so routers of
+temporary models cannot be targeted), keys every replay router by its global ``layer_number``
+and sets its action for one pass (one ``forward_backward_func`` call)::
+
+    session = ReplaySession(model_chunks)
+    with session.recording() as record:          # r2: old-log-prob pass, forward only
+        forward_backward_func(..., forward_only=True)
+    with session.replaying(record.routes):       # every update pass of that batch
+        forward_backward_func(...)
+    metrics = session.metrics()
+
+Routes are ``{layer_number: [routes of microbatch 0, 1, ...]}`` with ``[tokens, topk]`` tensors
+in the router's local token order (``None`` = live for that whole microbatch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron_pr2.replay import metrics as replay_metrics
+from megatron_pr2.replay.state import RouteAction, RouterReplayState
+
+Routes = Mapping[int, Sequence["torch.Tensor | None"]]
+
+
+@dataclass
+class RouteRecord:
+    """Routes recorded in one pass; filled when the ``recording()`` block exits."""
+
+    routes: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def num_microbatches(self) -> int:
+        return len(next(iter(self.routes.values()), []))
+
+
+class ReplaySession:
+    """Controls the replay routers of one rank's model chunks."""
+
+    def __init__(self, model: torch.nn.Module | Iterable[torch.nn.Module]) -> None:
+        chunks = [model] if isinstance(model, torch.nn.Module) else list(model)
+        self._routers: dict[int, torch.nn.Module] = {}
+        for chunk in chunks:
+            for name, module in chunk.named_modules():
+                state = getattr(module, "router_replay", None)
+                if not isinstance(state, RouterReplayState):
+                    continue
+                layer = state.layer_number
+                if layer is None:
+                    raise ValueError(f"replay router {name} has no layer_number")
+                if layer in self._routers:
+                    raise ValueError(f"two replay routers claim layer {layer} (second: {name})")
+                self._routers[layer] = module
+        if not self._routers:
+            raise ValueError(
+                "no replay router in the model; build it from a spec passed through "
+                "megatron_pr2.patch.with_replay_router"
+            )
+        first = next(iter(self._routers.values()))
+        self.topk: int = first.router_replay.topk
+        self._config = first.config
+
+    @property
+    def layers(self) -> list[int]:
+        """Global layer numbers (1-based) of this rank's replay routers, ascending."""
+        return sorted(self._routers)
+
+    def state(self, layer: int) -> RouterReplayState:
+        return self._routers[layer].router_replay
+
+    def _states(self) -> Iterator[RouterReplayState]:
+        return (router.router_replay for router in self._routers.values())
+
+    # ------------------------------------------------------------------ passes
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[RouteRecord]:
+        """Live routing; every router keeps the top-k of each microbatch it sees."""
+        record = RouteRecord()
+        for state in self._states():
+            state.set_action(RouteAction.RECORD)
+        try:
+            yield record
+            record.routes = {layer: list(self.state(layer).recorded) for layer in self.layers}
+        finally:
+            self.reset()
+
+    @contextlib.contextmanager
+    def replaying(self, routes: Routes) -> Iterator[None]:
+        """Force ``routes`` on every local router for one pass (forward and recompute alike)."""
+        missing = [layer for layer in self.layers if layer not in routes]
+        if missing:
+            raise ValueError(f"routes missing for local MoE layer(s) {missing}")
+        counts = {layer: len(routes[layer]) for layer in self.layers}
+        if len(set(counts.values())) != 1:
+            raise ValueError(f"routes give different microbatch counts per layer: {counts}")
+        try:
+            for layer in self.layers:
+                self.state(layer).set_action(RouteAction.REPLAY, list(routes[layer]))
+            yield
+            unused = {
+                layer: self.state(layer).planned_microbatches_left
+                for layer in self.layers
+                if self.state(layer).planned_microbatches_left
+            }
+            if unused:
+                raise RuntimeError(f"routes of some microbatches were never used: {unused}")
+        finally:
+            self.reset()
+
+    def reset(self) -> None:
+        """Back to live routing and drop every route held (also after an exception)."""
+        for state in self._states():
+            state.reset()
+
+    @property
+    def routes_held(self) -> int:
+        return sum(state.routes_held for state in self._states())
+
+    # ------------------------------------------------------------------ metrics
+    def metrics(self, group: torch.distributed.ProcessGroup | None = None) -> dict[str, float]:
+        """Replay metrics since the last call, summed over ``group`` (default: all ranks).
+
+        Token counts are de-duplicated for tensor parallelism without sequence parallelism,
+        where every TP rank routes the same tokens.
+        """
+        num_layers = int(self._config.num_layers)
+        table = torch.zeros(num_layers + 1, replay_metrics.NUM_COUNTERS, dtype=torch.int64)
+        for layer in self.layers:
+            counters = self.state(layer).take_counters()
+            if counters is not None:
+                table[layer] += counters.cpu()
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(table, group=group)
+            tp_size = self._routers[self.layers[0]].tp_group.size()
+            if tp_size > 1 and not self._config.sequence_parallel:
+                table //= tp_size
+        per_layer = {
+            layer: table[layer] for layer in range(1, num_layers + 1) if table[layer, 0] > 0
+        }
+        return replay_metrics.summarize(per_layer, self.topk)

@@ -1,0 +1,199 @@
+"""Per-router replay state: what the router does in this pass, and which route each call uses.
+
+The object plugs into megatron-core's own replay hook: ``topk_routing_with_score_function`` calls
+``router_replay.get_replay_topk(scores, topk, num_groups, group_topk, default_compute_topk)``
+wherever it would take a top-k, so megatron's probability math (softmax pre/post, sigmoid,
+expert bias, scaling factor, groups) stays in charge of gate weights and their gradients.
+
+Unlike the native ``RouterReplay`` it
+
+* tells an original forward from an activation-recompute forward (which runs inside autograd's
+  backward) and makes the recompute use exactly the route of the original forward of the same
+  microbatch, in every schedule (a FIFO per router: megatron's schedules run each chunk's
+  backward passes in the order of its forward passes);
+* takes one route per microbatch for the whole pass (a plan), so a forward cannot silently reuse
+  another microbatch's route, and a surplus forward is an error;
+* keeps no global registry and holds at most one pass worth of routes (``reset`` drops them).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from megatron_pr2.replay import metrics as replay_metrics
+from megatron_pr2.replay.routes import FALLBACK, validate_routes
+
+TopkFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+class RouteAction(enum.Enum):
+    LIVE = "live"  # plain megatron routing
+    RECORD = "record"  # live routing; keep each microbatch's top-k
+    REPLAY = "replay"  # force the planned expert set of each microbatch
+
+
+def in_backward_recompute() -> bool:
+    """True while autograd's engine runs a backward, i.e. inside an activation recompute."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class RouterReplayState:
+    """Replay state of one ``TopKRouter`` (one MoE layer)."""
+
+    def __init__(self, num_experts: int, topk: int, collect_metrics: bool = True) -> None:
+        self.num_experts = num_experts
+        self.topk = topk
+        self.collect_metrics = collect_metrics
+        self.layer_number: int | None = None  # megatron sets it (0.19 through set_layer_number)
+        self.action = RouteAction.LIVE
+        self._plan: list[_PlannedRoute | None] = []
+        self._cursor = 0
+        self.recorded: list[torch.Tensor] = []
+        self._recompute_queue: deque[torch.Tensor] = deque()
+        self.counters: torch.Tensor | None = None
+
+    # ---------------------------------------------------------------- control (schedule side)
+    def set_action(
+        self, action: RouteAction, plan: list[torch.Tensor | None] | None = None
+    ) -> None:
+        """Start a pass. For REPLAY, ``plan`` holds one route (or None = live) per microbatch;
+        each is validated here, before any forward runs, so a bad route never reaches routing."""
+        self.reset()
+        if action is RouteAction.REPLAY:
+            if plan is None:
+                raise ValueError(
+                    f"layer {self.layer_number}: REPLAY needs one route per microbatch"
+                )
+            self._plan = [self._prepare(routes, mb) for mb, routes in enumerate(plan)]
+        self.action = action
+
+    def reset(self) -> None:
+        """Drop every route held: plan, records, recompute queue. Counters survive."""
+        self.action = RouteAction.LIVE
+        self._plan = []
+        self._cursor = 0
+        self.recorded = []
+        self._recompute_queue.clear()
+
+    def take_counters(self) -> torch.Tensor | None:
+        counters, self.counters = self.counters, None
+        return counters
+
+    @property
+    def routes_held(self) -> int:
+        """Route tensors referenced by this state (for leak checks)."""
+        return len(self._plan) + len(self.recorded) + len(self._recompute_queue)
+
+    @property
+    def planned_microbatches_left(self) -> int:
+        return len(self._plan) - self._cursor
+
+    # ---------------------------------------------------------------- megatron's hook
+    def get_replay_topk(
+        self,
+        scores: torch.Tensor,
+        topk: int,
+        num_groups: int | None = None,
+        group_topk: int | None = None,
+        default_compute_topk: TopkFn | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        def live_topk(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return default_compute_topk(s, topk, num_groups=num_groups, group_topk=group_topk)
+
+        if self.action is RouteAction.LIVE:
+            return live_topk(scores)
+        if in_backward_recompute():
+            return self._recompute(scores)
+
+        if self.action is RouteAction.RECORD:
+            values, indices = live_topk(scores)
+            self.recorded.append(indices.detach())
+            self._remember_for_recompute(indices)
+            return values, indices
+
+        indices = self._replay_indices(scores, live_topk)
+        self._remember_for_recompute(indices)
+        return scores.gather(1, indices), indices
+
+    # ---------------------------------------------------------------- internals
+    def _remember_for_recompute(self, indices: torch.Tensor) -> None:
+        if torch.is_grad_enabled():  # forward-only passes are never recomputed
+            self._recompute_queue.append(indices.detach())
+
+    def _recompute(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self._recompute_queue:
+            raise RuntimeError(
+                f"layer {self.layer_number}: activation recompute without a matching forward "
+                f"route (action {self.action.value}); the replay state was reset mid-pass"
+            )
+        indices = self._recompute_queue.popleft()
+        if indices.shape[0] != scores.shape[0]:
+            raise RuntimeError(
+                f"layer {self.layer_number}: recompute sees {scores.shape[0]} tokens but its "
+                f"forward routed {indices.shape[0]}; recompute order does not match forward order"
+            )
+        return scores.gather(1, indices), indices
+
+    def _replay_indices(self, scores: torch.Tensor, live_topk: Callable) -> torch.Tensor:
+        microbatch = self._cursor
+        if microbatch >= len(self._plan):
+            raise RuntimeError(
+                f"layer {self.layer_number}: forward #{microbatch + 1} but routes were given for "
+                f"{len(self._plan)} microbatch(es)"
+            )
+        self._cursor += 1
+        planned = self._plan[microbatch]
+        num_tokens = scores.shape[0]
+        if planned is None:  # whole microbatch falls back to the live router
+            live = live_topk(scores.detach())[1]
+            if self.collect_metrics:
+                self._count(
+                    live, live, torch.ones(num_tokens, dtype=torch.bool, device=live.device)
+                )
+            return live
+        if planned.indices.shape[0] != num_tokens:
+            raise ValueError(
+                f"routes for layer {self.layer_number}, microbatch {microbatch}: the router sees "
+                f"{num_tokens} tokens, the routes have {planned.indices.shape[0]} rows"
+            )
+        indices = planned.indices.to(scores.device, non_blocking=True)
+        fallback_rows = planned.fallback_rows
+        live = None
+        if fallback_rows is not None or self.collect_metrics:
+            live = live_topk(scores.detach())[1]
+        if fallback_rows is not None:
+            fallback_rows = fallback_rows.to(scores.device, non_blocking=True)
+            indices = torch.where(fallback_rows[:, None], live, indices)
+        if self.collect_metrics:
+            self._count(indices, live, fallback_rows)
+        return indices
+
+    def _count(
+        self, used: torch.Tensor, live: torch.Tensor, fallback_rows: torch.Tensor | None
+    ) -> None:
+        if self.counters is None:
+            self.counters = replay_metrics.new_counters(used.device)
+        replay_metrics.accumulate(self.counters, used, live, self.num_experts, fallback_rows)
+
+    def _prepare(self, routes: torch.Tensor | None, microbatch: int) -> _PlannedRoute | None:
+        if routes is None:
+            return None
+        indices = validate_routes(
+            routes,
+            layer=self.layer_number if self.layer_number is not None else -1,
+            num_experts=self.num_experts,
+            topk=self.topk,
+            microbatch=microbatch,
+        )
+        fallback_rows = indices[:, 0] == FALLBACK  # validated: a -1 row is all -1
+        return _PlannedRoute(indices, fallback_rows if bool(fallback_rows.any()) else None)
+
+
+class _PlannedRoute(NamedTuple):
+    indices: torch.Tensor  # [tokens, topk] int64 global expert ids, -1 rows = live fallback
+    fallback_rows: torch.Tensor | None  # [tokens] bool, None when no row falls back
