@@ -1,0 +1,35 @@
+"""Shared fixtures: a world-1 gloo group with megatron state for in-process tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.support import cpu_shim
+
+# Before any test module imports megatron.core (0.19 needs the triton stand-in at import time).
+cpu_shim.install()
+
+
+@pytest.fixture(scope="session")
+def megatron_world1():
+    """World-1 megatron-core on CPU (shim + gloo), initialised once per test session."""
+    from tests.support.dist import init_single_process
+
+    init_single_process()
+    yield
+
+
+@pytest.fixture
+def world1(megatron_world1):
+    """Per-test reset of RNG and megatron's global MoE trackers."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+    from megatron.core.transformer.moe.router_replay import RouterReplay
+
+    model_parallel_cuda_manual_seed(1234)
+    torch.manual_seed(1234)
+    clear_aux_losses_tracker()
+    RouterReplay.clear_global_router_replay_instances()
+    yield
+    RouterReplay.clear_global_router_replay_instances()

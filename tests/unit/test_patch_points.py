@@ -1,0 +1,108 @@
+"""Canaries: one per megatron-core patch point. Each fails loudly when an upstream change makes
+the patch miss its target (renamed hook, changed signature, new spec shape)."""
+
+import dataclasses
+import functools
+import inspect
+
+import torch
+
+from megatron_pr2.config import RouterReplayConfig
+from megatron_pr2.models.gpt import moe_transformer_config
+from megatron_pr2.patch import ReplayTopKRouter, megatron_core_version, with_replay_router
+from megatron_pr2.patch.version import TESTED_VERSIONS
+
+
+def test_installed_version_is_a_tested_one():
+    assert megatron_core_version() in TESTED_VERSIONS
+
+
+class RecordingHook:
+    def __init__(self):
+        self.calls = []
+
+    def get_replay_topk(self, scores, topk, num_groups, group_topk, default_compute_topk):
+        self.calls.append(scores.shape)
+        return default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)
+
+
+def test_topk_routing_calls_the_router_replay_hook_for_every_score_function():
+    """Patch point 1 relies on topk_routing_with_score_function(..., router_replay=obj)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    assert (
+        "router_replay" in inspect.signature(moe_utils.topk_routing_with_score_function).parameters
+    )
+    for kwargs in (
+        dict(score_function="softmax"),
+        dict(score_function="softmax", use_pre_softmax=True),
+        dict(score_function="sigmoid"),
+        dict(score_function="sigmoid", expert_bias=torch.zeros(4)),
+        dict(score_function="sigmoid", num_groups=2, group_topk=1),
+    ):
+        hook = RecordingHook()
+        moe_utils.topk_routing_with_score_function(
+            torch.randn(3, 4), 2, router_replay=hook, **kwargs
+        )
+        assert hook.calls == [torch.Size([3, 4])], kwargs
+
+
+def test_topk_router_routes_through_self_router_replay():
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    assert "router_replay=self.router_replay" in inspect.getsource(TopKRouter.routing)
+    assert issubclass(ReplayTopKRouter, TopKRouter)
+
+
+def test_moe_submodules_has_a_router_builder_field():
+    from megatron.core.transformer.moe.moe_layer import MoESubmodules
+
+    assert "router" in {f.name for f in dataclasses.fields(MoESubmodules)}
+
+
+def test_recompute_detection_hook_exists_and_flips_inside_backward():
+    assert torch._C._current_graph_task_id() == -1
+    seen = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(torch._C._current_graph_task_id())
+            return g
+
+    Probe.apply(torch.ones(1, requires_grad=True)).sum().backward()
+    assert seen and seen[0] != -1
+
+
+def test_decoder_block_spec_rewrite_reaches_every_moe_layer(world1):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    config = moe_transformer_config()
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
+    rewritten = with_replay_router(spec, RouterReplayConfig(mode="r2"))
+    for original, layer in zip(spec.layer_specs, rewritten.layer_specs):
+        mlp = layer.submodules.mlp
+        submodules = (
+            mlp.keywords["submodules"] if isinstance(mlp, functools.partial) else mlp.submodules
+        )
+        assert isinstance(submodules.router, functools.partial)
+        assert submodules.router.func is ReplayTopKRouter
+        original_mlp = original.submodules.mlp
+        original_sub = (
+            original_mlp.keywords["submodules"]
+            if isinstance(original_mlp, functools.partial)
+            else original_mlp.submodules
+        )
+        assert original_sub.router is not ReplayTopKRouter  # the input spec is untouched
+
+
+def test_dense_spec_is_refused(world1):
+    import pytest
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    with pytest.raises(ValueError, match="no MoE layer found"):
+        with_replay_router(get_gpt_layer_local_spec())
