@@ -129,7 +129,7 @@ class LMBatch:
         return cls(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), torch.ones(batch, seq))
 
 
-def _lm_forward_step(batches: Iterator[LMBatch], model: GPTModel) -> tuple[torch.Tensor, Callable]:
+def lm_forward_step(batches: Iterator[LMBatch], model: GPTModel) -> tuple[torch.Tensor, Callable]:
     batch = next(batches)
     seq = batch.tokens.shape[1]
     position_ids = torch.arange(seq).unsqueeze(0).expand_as(batch.tokens)
@@ -144,7 +144,10 @@ def _lm_forward_step(batches: Iterator[LMBatch], model: GPTModel) -> tuple[torch
 
 
 def lm_forward_backward(
-    chunks: Sequence[GPTModel], batches: Sequence[LMBatch], forward_only: bool = False
+    chunks: Sequence[GPTModel],
+    batches: Sequence[LMBatch],
+    forward_only: bool = False,
+    forward_step_func: Callable = lm_forward_step,
 ) -> list[dict[str, torch.Tensor]]:
     """One pass of megatron's schedule (no pipelining, 1F1B or interleaved, picked by megatron)
     over ``batches`` (one per microbatch). Returns the per-microbatch loss dicts (last stage)."""
@@ -152,7 +155,7 @@ def lm_forward_backward(
     batch_size, seq = batches[0].tokens.shape
     iterators: Any = [iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches)
     return get_forward_backward_func()(
-        forward_step_func=_lm_forward_step,
+        forward_step_func=forward_step_func,
         data_iterator=iterators,
         model=list(chunks) if len(chunks) > 1 else chunks[0],
         num_microbatches=num_microbatches,

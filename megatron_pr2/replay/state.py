@@ -14,6 +14,10 @@ Unlike the native ``RouterReplay`` it
 * takes one route per microbatch for the whole pass (a plan), so a forward cannot silently reuse
   another microbatch's route, and a surplus forward is an error;
 * keeps no global registry and holds at most one pass worth of routes (``reset`` drops them).
+
+Recompute FIFO invariant: within one pass, the k-th recompute of a router re-runs its k-th
+forward. megatron's schedules (no pipelining, 1F1B, interleaved) run each model chunk's backward
+passes in the order of its forward passes, and each chunk has its own routers.
 """
 
 from __future__ import annotations
@@ -122,8 +126,10 @@ class RouterReplayState:
 
     # ---------------------------------------------------------------- internals
     def _remember_for_recompute(self, indices: torch.Tensor) -> None:
-        if torch.is_grad_enabled():  # forward-only passes are never recomputed
-            self._recompute_queue.append(indices.detach())
+        # Always queued: megatron runs a checkpointed region's first forward under no_grad, so
+        # grad mode cannot tell it from a forward-only pass. The queue holds references to routes
+        # of the current pass only and is dropped by ``reset`` at the end of the pass.
+        self._recompute_queue.append(indices.detach())
 
     def _recompute(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._recompute_queue:

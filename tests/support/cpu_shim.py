@@ -229,6 +229,25 @@ class CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _patch_recompute_backward_mode() -> None:
+    """Torch-function modes are thread-local state that autograd does not carry into a custom
+    Function's backward, so megatron's activation recompute would run without the mode."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    for name in ("CheckpointFunction", "CheckpointWithoutOutputFunction"):
+        function = getattr(mrandom, name)
+        original = function.backward
+
+        def backward(ctx, *args, _original=original):
+            if _MODE is None or _MODE in torch.overrides._get_current_function_mode_stack():
+                return _original(ctx, *args)
+            with CudaToCpuMode():
+                return _original(ctx, *args)
+
+        function.backward = staticmethod(backward)
+    APPLIED["recompute_backward_mode"] = True
+
+
 def install() -> None:
     """Apply every patch once in this process; idempotent."""
     global _INSTALLED, _MODE
@@ -244,6 +263,7 @@ def install() -> None:
     _patch_split_sizes_to_numpy()
     _patch_uneven_all_gather()
     _patch_torch_norm_sequence_parallel()
+    _patch_recompute_backward_mode()
     _MODE = CudaToCpuMode()
     _MODE.__enter__()  # thread-local; pushed once for the whole process
     APPLIED["cuda_to_cpu_mode"] = True
