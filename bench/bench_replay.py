@@ -331,23 +331,28 @@ def fmt_ratio(value: float, target: float | None) -> str:
     return text
 
 
+def paired_ratio(row: Row, reference: Row) -> float:
+    """Median over rounds of this round's time / the reference's time in the same round."""
+    return statistics.median(a / b for a, b in zip(row.times, reference.times, strict=True))
+
+
 def table(rows: list[Row]) -> str:
     lines = [
         "| benchmark | variant | median ms | IQR ms | ×none | ×native |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    medians = {(r.bench, r.variant): r.median for r in rows}
+    by_key = {(r.bench, r.variant): r for r in rows}
     for row in rows:
-        none = medians[(row.bench, "none")]
-        native = medians[(row.bench, "native")]
+        none = by_key[(row.bench, "none")]
+        native = by_key[(row.bench, "native")]
         lo, hi = row.iqr
         is_ours = row.variant.startswith("ours")
         if row.variant.startswith("part:"):
             vs_none, vs_native = "", ""
         else:
-            vs_none = fmt_ratio(row.median / none, TARGET_VS_NONE if is_ours else None)
+            vs_none = fmt_ratio(paired_ratio(row, none), TARGET_VS_NONE if is_ours else None)
             vs_native = (
-                fmt_ratio(row.median / native, TARGET_VS_NATIVE if is_ours else None)
+                fmt_ratio(paired_ratio(row, native), TARGET_VS_NATIVE if is_ours else None)
                 if row.variant != "none"
                 else ""
             )
@@ -366,6 +371,13 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
     match = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
     return match.group(1).strip() if match else platform.machine()
+
+
+def load_average() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "n/a"
 
 
 def command_line() -> str:
@@ -395,6 +407,9 @@ def subsection(rows: list[Row], args: argparse.Namespace, total_s: float) -> str
             f"Python {platform.python_version()}, torch {torch.__version__}, "
             f"torch threads {torch.get_num_threads()}",
             f"* command (from the repo root): `{command_line()}`",
+            f"* load average (1 min) at start / end: {args.load_start} / {load_average()} "
+            "(above ~0.5 means other processes shared the 2 cores; ratios are paired per "
+            "round, which cancels slow drifts, but absolute times and tails get noisier)",
             f"* repetitions: {args.warmup} warm-up + {args.reps} measured per variant "
             f"(router), {args.gpt_warmup} + {args.gpt_reps} (GPT step); total run {total_s:.0f} s",
             "",
@@ -446,12 +461,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=60, help="router benches, per variant")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--gpt-reps", type=int, default=30, help="GPT step, per variant")
+    parser.add_argument("--gpt-reps", type=int, default=40, help="GPT step, per variant")
     parser.add_argument("--gpt-warmup", type=int, default=3)
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
 
     start = time.perf_counter()
+    args.load_start = load_average()
     init_world1()
     from megatron_pr2.models.gpt import TinyMoEShape
     from megatron_pr2.patch import megatron_core_version

@@ -5,10 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.support import cpu_shim
-
-# Before any test module imports megatron.core (0.19 needs the triton stand-in at import time).
-cpu_shim.install()
+import tests  # noqa: F401  (installs the CPU shim before test modules import megatron.core)
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,9 @@ same pass driven by megatron-core's *native* RouterReplay (the negative control)
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 

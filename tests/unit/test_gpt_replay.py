@@ -70,24 +70,6 @@ def test_state_holds_at_most_one_step_of_routes_over_100_steps(world1):
     assert 0 < most_held <= one_step
 
 
-def test_native_replay_lists_grow_without_clearing_ours_do_not(world1):
-    """The native trap this project fixes: replay_backward_list only grows."""
-    from megatron.core.transformer.moe.router_replay import RouterReplay
-
-    built = h.build("native")
-    batches = h.make_batches(2)
-    routes = h.random_routes(2)
-    for _ in range(3):
-        from megatron.core.transformer.moe.router_replay import RouterReplayAction
-
-        for replay in RouterReplay.global_router_replay_instances:
-            for mb in range(2):
-                replay.set_target_indices(routes[1][mb])
-            replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
-    lengths = {len(r.replay_backward_list) for r in RouterReplay.global_router_replay_instances}
-    assert lengths == {6}
-
-
 def test_session_rejects_missing_layers_and_uneven_microbatch_counts(world1):
     built = h.build("ours")
     routes = h.random_routes(2)
