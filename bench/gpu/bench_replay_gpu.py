@@ -50,6 +50,8 @@ LABELS = {
 }
 TARGET_VS_NATIVE = 1.02
 TARGET_VS_NONE = 1.05
+# Qwen3-30B-A3B MoE layer
+HIDDEN, NUM_EXPERTS, TOPK, MOE_FFN = 2048, 128, 8, 768
 
 
 def fail(message: str) -> None:
@@ -92,14 +94,14 @@ def layer_config(permute_fusion: bool, **overrides):
 
     kwargs = dict(
         num_layers=1,
-        hidden_size=2048,
+        hidden_size=HIDDEN,
         ffn_hidden_size=6144,
         num_attention_heads=32,
         num_query_groups=4,
         kv_channels=128,
-        num_moe_experts=128,
-        moe_router_topk=8,
-        moe_ffn_hidden_size=768,
+        num_moe_experts=NUM_EXPERTS,
+        moe_router_topk=TOPK,
+        moe_ffn_hidden_size=MOE_FFN,
         gated_linear_unit=True,
         activation_func=F.silu,
         normalization="RMSNorm",
@@ -122,6 +124,12 @@ def layer_config(permute_fusion: bool, **overrides):
     return TransformerConfig(**kwargs)
 
 
+def moe_spec():
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+
+    return get_moe_module_spec(use_te=True, num_experts=NUM_EXPERTS, moe_grouped_gemm=True)
+
+
 def build_layer(spec, config):
     from megatron.core.transformer.spec_utils import build_module
 
@@ -134,7 +142,6 @@ def build_layer(spec, config):
 
 
 def build_variants(permute_fusion: bool) -> tuple[dict[str, torch.nn.Module], bool]:
-    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.transformer.moe.router_replay import RouterReplay
 
     from megatron_pr2.config import RouterReplayConfig
@@ -148,7 +155,7 @@ def build_variants(permute_fusion: bool) -> tuple[dict[str, torch.nn.Module], bo
         print(f"moe_permute_fusion unavailable ({exc}); running without it")
         permute_fusion = False
         plain = layer_config(permute_fusion)
-    spec = get_moe_module_spec(use_te=True, num_experts=128, moe_grouped_gemm=True)
+    spec = moe_spec()
 
     RouterReplay.clear_global_router_replay_instances()
     layers = {"none": build_layer(spec, plain)}
@@ -234,12 +241,14 @@ def run_bench(
     seq, batch = tokens
     sessions = {v: ReplaySession(layers[v]) for v in ("ours", "ours_nometrics")}
     torch.manual_seed(0)
-    hidden = torch.randn(seq, batch, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    grad_out = torch.randn(seq, batch, 2048, device="cuda", dtype=torch.bfloat16)
+    hidden = torch.randn(
+        seq, batch, HIDDEN, device="cuda", dtype=torch.bfloat16, requires_grad=True
+    )
+    grad_out = torch.randn(seq, batch, HIDDEN, device="cuda", dtype=torch.bfloat16)
 
     with torch.no_grad(), sessions["ours"].recording() as record:
         layers["ours"].router(hidden)
-    routes = record.routes  # {1: [[seq*batch, 8]]}: the live top-k
+    routes = record.routes  # {1: [[seq*batch, TOPK]]}: the live top-k
     native_routes = [routes[1][0]]
 
     def cleanup() -> None:
@@ -384,8 +393,9 @@ def main() -> None:
     print()
     print(f"* {versions()}")
     print(
-        "* layer: hidden 2048, 128 experts, top-8, moe_ffn_hidden_size 768 (SwiGLU), bf16, fp32 "
-        f"router, TE grouped GEMM, alltoall, EP=TP=1, moe_permute_fusion={permute_fusion}"
+        f"* layer: hidden {HIDDEN}, {NUM_EXPERTS} experts, top-{TOPK}, moe_ffn_hidden_size "
+        f"{MOE_FFN} (SwiGLU), bf16, fp32 router, TE grouped GEMM, alltoall, EP=TP=1, "
+        f"moe_permute_fusion={permute_fusion}"
     )
     print(f"* {args.warmup} warm-up + {args.reps} measured steps per variant, interleaved")
     print("* command: `torchrun --nproc-per-node 1 bench/gpu/bench_replay_gpu.py`")
