@@ -373,11 +373,46 @@ def cpu_model() -> str:
     return match.group(1).strip() if match else platform.machine()
 
 
-def load_average() -> str:
+def others_busy(seconds: float = 1.0) -> float | None:
+    """CPU busy % of the whole machine over ``seconds`` while this process sleeps."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields) - idle, sum(fields)
+
     try:
-        return Path("/proc/loadavg").read_text().split()[0]
+        busy0, total0 = sample()
+        time.sleep(seconds)
+        busy1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 100.0 * (busy1 - busy0) / max(total1 - total0, 1)
+
+
+def fmt_busy(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}%"
+
+
+def code_version() -> str:
+    """The commit the measured megatron_pr2 comes from, and whether it has local edits."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "megatron_pr2"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
     except OSError:
-        return "n/a"
+        return "unknown (no git)"
+    if not commit:
+        return "unknown (not a git checkout)"
+    return f"commit {commit}" + (" + uncommitted edits in megatron_pr2/" if dirty else "")
 
 
 def command_line() -> str:
@@ -406,10 +441,11 @@ def subsection(rows: list[Row], args: argparse.Namespace, total_s: float) -> str
             f"* machine: {os.cpu_count()}-core CPU ({cpu_model()}), no GPU; "
             f"Python {platform.python_version()}, torch {torch.__version__}, "
             f"torch threads {torch.get_num_threads()}",
-            f"* command (from the repo root): `{command_line()}`",
-            f"* load average (1 min) at start / end: {args.load_start} / {load_average()} "
-            "(above ~0.5 means other processes shared the 2 cores; ratios are paired per "
-            "round, which cancels slow drifts, but absolute times and tails get noisier)",
+            f"* command (from the repo root): `{command_line()}`; megatron_pr2 at {code_version()}",
+            f"* other load on the machine (CPU busy while this script slept 1 s) at start / "
+            f"end: {fmt_busy(args.busy_start)} / {fmt_busy(others_busy())}. Other processes on the 2 cores stall "
+            "torch's 2-thread parallel regions (a tiny router step went from 0.35 ms to ~12 ms "
+            "under a concurrent pytest), so only numbers from an idle machine are meaningful",
             f"* repetitions: {args.warmup} warm-up + {args.reps} measured per variant "
             f"(router), {args.gpt_warmup} + {args.gpt_reps} (GPT step); total run {total_s:.0f} s",
             "",
@@ -421,16 +457,20 @@ def subsection(rows: list[Row], args: argparse.Namespace, total_s: float) -> str
 
 SECTION_INTRO = """\
 Produced by `bench/bench_replay.py` (one subsection per megatron-core version; rerunning the
-script replaces only its own version's subsection). Ratios marked ✓/✗ are the targets for ours:
-≤ 1.02× native replay and ≤ 1.05× none. Medians of interleaved runs in one process; IQR is the
-25th–75th percentile. `part:` rows time pieces of ours alone (not a variant).
+script replaces only its own version's subsection; other subsections are kept). Variants run
+interleaved round-robin in one process, same weights, all replaying the live router's routes (so
+expert work is identical; the script asserts equal routing maps / losses). Times are medians,
+IQR is the 25th–75th percentile; ×none / ×native are medians of the per-round ratios (each round
+runs every variant once, back to back). ✓/✗ mark the targets for ours: ≤ 1.02× native replay and
+≤ 1.05× none. `part:` rows time pieces of ours alone (not variants).
 
 Shapes: `router-qwen3ish` = hidden 512, 128 experts, top-8, 4096 tokens (seq 1024 × batch 4), the
 Qwen3-30B-A3B router ratio (hidden 2048 : 128 experts : top-8) scaled to CPU; `router-small` =
 hidden 32, 8 experts, top-2, 128 tokens; `gpt-step` = `TinyMoEShape` GPT (4 layers, hidden 32, 8
 experts, top-2), 4 microbatches of batch 2 × seq 64, one `lm_forward_backward`. All run on the
 test CPU shim (tests/support/cpu_shim.py), whose `TorchFunctionMode` adds a Python call to every
-torch op for every variant alike.
+torch op for every variant alike (~2 µs per op: 5.0 vs 3.0 µs for a tiny op), which inflates
+the cost of op-heavy code such as route validation.
 """
 
 
@@ -467,7 +507,9 @@ def main() -> None:
     args = parser.parse_args()
 
     start = time.perf_counter()
-    args.load_start = load_average()
+    args.busy_start = others_busy()
+    if args.busy_start is not None and args.busy_start > 5:
+        print(f"warning: the machine is {args.busy_start:.0f}% busy before the run; noisy timings")
     init_world1()
     from megatron_pr2.models.gpt import TinyMoEShape
     from megatron_pr2.patch import megatron_core_version

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class ReplayMode(str, enum.Enum):
@@ -11,11 +11,14 @@ class ReplayMode(str, enum.Enum):
 
     ``none``: live routing. ``r2``: recorded by the trainer's own forward-only (old-log-prob) pass.
     ``r3``: supplied from outside, e.g. the rollout engine's routes.
+    ``pr2``: recorded like ``r2``, but each router selects top-k of ``old logits + predicted
+    offset`` from its zero-initialised evolution predictor.
     """
 
     NONE = "none"
     R2 = "r2"
     R3 = "r3"
+    PR2 = "pr2"
 
     @classmethod
     def parse(cls, value: str | ReplayMode) -> ReplayMode:
@@ -33,6 +36,44 @@ class ReplayMode(str, enum.Enum):
             ) from None
 
 
+class PredictorLoss(str, enum.Enum):
+    KL_POST = "kl_post"  # KL(sg softmax(current logits) || softmax(old logits + offset))
+    KL_DELTA = "kl_delta"  # KL(softmax(sg(current - old logits)) || softmax(offset))
+    L2 = "l2"  # MSE(offset, sg(current - old logits))
+
+
+@dataclass
+class PredictorConfig:
+    """``policy.router_replay.predictor``: the PR2 evolution predictor.
+
+    Attributes:
+        loss_type: see :class:`PredictorLoss`.
+        lr_mult: predictor learning rate = ``lr_mult`` x base learning rate (weight decay 0).
+        bias_in_gate_weights: use ``old logits + offset`` for the recording pass's gate weights
+            too (paper fidelity). Off by default, so old log-probs equal plain routing's at
+            mini-step 0 and the offset only changes *which* experts are used.
+        cache_tokens_per_step: token budget of the (router input, old logits) feature cache per
+            recording pass and rank; tokens are sampled by a hash of (sample, position).
+        cache_dtype: host storage dtype of the cache (``bf16``, ``fp16`` or ``fp32``).
+    """
+
+    loss_type: PredictorLoss = PredictorLoss.KL_POST
+    lr_mult: float = 1000.0
+    bias_in_gate_weights: bool = False
+    cache_tokens_per_step: int = 2048
+    cache_dtype: str = "bf16"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.loss_type, PredictorLoss):
+            self.loss_type = PredictorLoss(str(self.loss_type).replace("-", "_"))
+        if self.cache_dtype not in ("bf16", "fp16", "fp32"):
+            raise ValueError(
+                f"predictor.cache_dtype: expected bf16, fp16 or fp32, got {self.cache_dtype!r}"
+            )
+        if self.cache_tokens_per_step < 1:
+            raise ValueError("predictor.cache_tokens_per_step must be >= 1")
+
+
 @dataclass
 class RouterReplayConfig:
     """``policy.router_replay``: how MoE routers choose experts during RL training.
@@ -48,9 +89,16 @@ class RouterReplayConfig:
     mode: ReplayMode = ReplayMode.NONE
     collect_metrics: bool = True
     allow_token_dropping: bool = False
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
 
     def __post_init__(self) -> None:
         self.mode = ReplayMode.parse(self.mode)
+        if isinstance(self.predictor, dict):
+            self.predictor = PredictorConfig(**self.predictor)
+
+    @property
+    def uses_predictor(self) -> bool:
+        return self.mode is ReplayMode.PR2
 
     @property
     def enabled(self) -> bool:

@@ -11,13 +11,32 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from megatron.core.transformer.moe.moe_utils import (
+    MoEAuxLossAutoScaler,
+    topk_routing_with_score_function,
+)
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.router_replay import RouterReplay
 
 from megatron_pr2.config import RouterReplayConfig
 from megatron_pr2.patch.guards import check_replay_compatible
 from megatron_pr2.patch.version import check_megatron_core_version
-from megatron_pr2.replay.state import RouterReplayState
+from megatron_pr2.predictor.module import EvolutionPredictor
+from megatron_pr2.predictor.state import PredictorState
+from megatron_pr2.replay.state import RouteAction, RouterReplayState, in_backward_recompute
+
+
+class _TopkCapture:
+    """A replay hook that only captures the top-k megatron computes."""
+
+    indices: torch.Tensor | None = None
+
+    def get_replay_topk(self, scores, topk, num_groups, group_topk, default_compute_topk):
+        values, self.indices = default_compute_topk(
+            scores, topk, num_groups=num_groups, group_topk=group_topk
+        )
+        return values, self.indices
 
 
 class ReplayTopKRouter(TopKRouter):
@@ -44,6 +63,14 @@ class ReplayTopKRouter(TopKRouter):
             topk=config.moe_router_topk,
             collect_metrics=self.replay_config.collect_metrics,
         )
+        self.evolution_predictor: EvolutionPredictor | None = None
+        if self.replay_config.uses_predictor:
+            self.evolution_predictor = EvolutionPredictor(
+                config.hidden_size, config.num_moe_experts, config.sequence_parallel
+            )
+            self.router_replay.predictor = PredictorState(
+                self.replay_config.predictor, config.moe_router_topk
+            )
 
     @property
     def replay_state(self) -> RouterReplayState:
@@ -52,3 +79,52 @@ class ReplayTopKRouter(TopKRouter):
     def set_layer_number(self, layer_number: int) -> None:
         super().set_layer_number(layer_number)
         self.router_replay.layer_number = layer_number
+
+    # ------------------------------------------------------------------ PR2
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        logits = super().gating(input)
+        if self.evolution_predictor is None or self.router_replay.action is RouteAction.LIVE:
+            return logits
+        state = self.router_replay
+        flat_input = input.reshape(-1, input.shape[-1])
+        flat_logits = logits.reshape(-1, logits.shape[-1])
+        microbatch = state.microbatch_of_current_call()
+        keys = state.keys_for(microbatch, flat_logits.shape[0], flat_logits.device)
+        if state.action is RouteAction.RECORD and not in_backward_recompute():
+            offset = state.predictor.record(self.evolution_predictor, flat_input, flat_logits, keys)
+            biased = flat_logits.detach() + offset
+            if self.replay_config.predictor.bias_in_gate_weights:
+                return (logits + offset.view_as(logits)).to(logits.dtype)
+            state.stage_indices(self.predicted_topk(biased))
+        elif state.predictor.compute_loss and torch.is_grad_enabled():
+            # Once per microbatch: in the forward, or (when checkpointed, since megatron runs
+            # the first forward under no_grad) in the recompute; like megatron's aux losses.
+            state.set_pending_loss(
+                state.predictor.loss(self.evolution_predictor, flat_logits, keys)
+            )
+        return logits
+
+    @torch.no_grad()
+    def predicted_topk(self, biased_logits: torch.Tensor) -> torch.Tensor:
+        """megatron's own selection (score function, expert bias, groups) on biased logits."""
+        capture = _TopkCapture()
+        config = self.config
+        topk_routing_with_score_function(
+            biased_logits,
+            self.topk,
+            use_pre_softmax=config.moe_router_pre_softmax,
+            num_groups=config.moe_router_num_groups,
+            group_topk=config.moe_router_group_topk,
+            scaling_factor=config.moe_router_topk_scaling_factor,
+            score_function=self.score_function,
+            expert_bias=self.expert_bias,
+            router_replay=capture,
+        )
+        return capture.indices
+
+    def routing(self, logits: torch.Tensor, *args: Any, **kwargs: Any):
+        probs, routing_map = super().routing(logits, *args, **kwargs)
+        loss = self.router_replay.take_pending_loss()
+        if loss is not None:  # megatron's side-loss plumbing: scaled like the MoE aux losses
+            probs = MoEAuxLossAutoScaler.apply(probs, loss)
+        return probs, routing_map

@@ -79,11 +79,22 @@ class ReplaySession:
 
     # ------------------------------------------------------------------ passes
     @contextlib.contextmanager
-    def recording(self) -> Iterator[RouteRecord]:
-        """Live routing; every router keeps the top-k of each microbatch it sees."""
+    def recording(
+        self, token_keys: Sequence[torch.Tensor | None] | None = None
+    ) -> Iterator[RouteRecord]:
+        """Every router keeps the top-k of each microbatch it sees (``pr2``: the top-k of
+        ``logits + predicted offset``, and caches features of sampled tokens).
+
+        ``token_keys``: per microbatch, ``[tokens]`` int64 keys (``sample << 32 | position``,
+        see ``predictor.cache.token_keys``) in the router's token order; without them tokens are
+        keyed by (microbatch, row), which requires the same micro-batching in the update passes.
+        """
         record = RouteRecord()
+        total = sum(k.numel() for k in token_keys if k is not None) if token_keys else None
         for state in self._states():
-            state.set_action(RouteAction.RECORD)
+            if state.predictor is not None:
+                state.predictor.start_recording(total)
+            state.set_action(RouteAction.RECORD, token_keys=token_keys)
         try:
             yield record
             record.routes = {layer: list(self.state(layer).recorded) for layer in self.layers}
@@ -91,8 +102,17 @@ class ReplaySession:
             self.reset()
 
     @contextlib.contextmanager
-    def replaying(self, routes: Routes) -> Iterator[None]:
-        """Force ``routes`` on every local router for one pass (forward and recompute alike)."""
+    def replaying(
+        self,
+        routes: Routes,
+        token_keys: Sequence[torch.Tensor | None] | None = None,
+        predictor_loss: bool = False,
+    ) -> Iterator[None]:
+        """Force ``routes`` on every local router for one pass (forward and recompute alike).
+
+        ``predictor_loss`` (pr2, mini-steps >= 1): add each router's predictor loss on the cached
+        tokens of the batch, through megatron's aux-loss plumbing.
+        """
         missing = [layer for layer in self.layers if layer not in routes]
         if missing:
             raise ValueError(f"routes missing for local MoE layer(s) {missing}")
@@ -101,7 +121,9 @@ class ReplaySession:
             raise ValueError(f"routes give different microbatch counts per layer: {counts}")
         try:
             for layer in self.layers:
-                self.state(layer).set_action(RouteAction.REPLAY, list(routes[layer]))
+                self.state(layer).set_action(
+                    RouteAction.REPLAY, list(routes[layer]), token_keys, predictor_loss
+                )
             yield
             unused = {
                 layer: self.state(layer).planned_microbatches_left

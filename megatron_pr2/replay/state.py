@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import torch
 
+from megatron_pr2.predictor.state import PredictorState
 from megatron_pr2.replay import metrics as replay_metrics
 from megatron_pr2.replay.routes import FALLBACK, validate_routes
 
@@ -58,12 +59,20 @@ class RouterReplayState:
         self._plan: list[_PlannedRoute | None] = []
         self._cursor = 0
         self.recorded: list[torch.Tensor] = []
-        self._recompute_queue: deque[torch.Tensor] = deque()
+        self._recompute_queue: deque[tuple[torch.Tensor, int]] = deque()  # (route, microbatch)
         self.counters: torch.Tensor | None = None
+        self.predictor: PredictorState | None = None  # set by the router in pr2 mode
+        self._token_keys: list[torch.Tensor | None] = []
+        self._staged_indices: torch.Tensor | None = None
+        self._pending_loss: torch.Tensor | None = None
 
     # ---------------------------------------------------------------- control (schedule side)
     def set_action(
-        self, action: RouteAction, plan: list[torch.Tensor | None] | None = None
+        self,
+        action: RouteAction,
+        plan: list[torch.Tensor | None] | None = None,
+        token_keys: list[torch.Tensor | None] | None = None,
+        predictor_loss: bool = False,
     ) -> None:
         """Start a pass. For REPLAY, ``plan`` holds one route (or None = live) per microbatch;
         each is validated here, before any forward runs, so a bad route never reaches routing."""
@@ -74,6 +83,9 @@ class RouterReplayState:
                     f"layer {self.layer_number}: REPLAY needs one route per microbatch"
                 )
             self._plan = [self._prepare(routes, mb) for mb, routes in enumerate(plan)]
+        self._token_keys = list(token_keys or [])
+        if self.predictor is not None:
+            self.predictor.compute_loss = predictor_loss and action is RouteAction.REPLAY
         self.action = action
 
     def reset(self) -> None:
@@ -83,6 +95,11 @@ class RouterReplayState:
         self._cursor = 0
         self.recorded = []
         self._recompute_queue.clear()
+        self._token_keys = []
+        self._staged_indices = None
+        self._pending_loss = None
+        if self.predictor is not None:
+            self.predictor.compute_loss = False
 
     def take_counters(self) -> torch.Tensor | None:
         counters, self.counters = self.counters, None
@@ -115,21 +132,59 @@ class RouterReplayState:
             return self._recompute(scores)
 
         if self.action is RouteAction.RECORD:
-            values, indices = live_topk(scores)
+            microbatch = len(self.recorded)
+            if self._staged_indices is not None:  # pr2: the predicted set, unbiased gate weights
+                indices, self._staged_indices = self._staged_indices, None
+                values = scores.gather(1, indices)
+            else:
+                values, indices = live_topk(scores)
             self.recorded.append(indices.detach())
-            self._remember_for_recompute(indices)
+            self._remember_for_recompute(indices, microbatch)
             return values, indices
 
+        microbatch = self._cursor
         indices = self._replay_indices(scores, live_topk)
-        self._remember_for_recompute(indices)
+        self._remember_for_recompute(indices, microbatch)
         return scores.gather(1, indices), indices
 
+    # ---------------------------------------------------------------- pr2 hooks (router side)
+    def microbatch_of_current_call(self) -> int:
+        """Microbatch index of the router call now running (before its top-k is taken)."""
+        if in_backward_recompute() and self._recompute_queue:
+            return self._recompute_queue[0][1]
+        return len(self.recorded) if self.action is RouteAction.RECORD else self._cursor
+
+    def keys_for(self, microbatch: int, num_tokens: int, device: torch.device) -> torch.Tensor:
+        """Token keys of a microbatch: given (sample, position) keys, else (microbatch, row)."""
+        if microbatch < len(self._token_keys) and self._token_keys[microbatch] is not None:
+            keys = self._token_keys[microbatch]
+            if keys.numel() != num_tokens:
+                raise ValueError(
+                    f"token keys for layer {self.layer_number}, microbatch {microbatch}: expected "
+                    f"{num_tokens}, got {keys.numel()}"
+                )
+            return keys.to(device)
+        return (torch.tensor(microbatch, dtype=torch.int64) << 32) + torch.arange(
+            num_tokens, device=device
+        )
+
+    def stage_indices(self, indices: torch.Tensor) -> None:
+        """The next RECORD top-k uses these (predicted) indices instead of the live ones."""
+        self._staged_indices = indices
+
+    def set_pending_loss(self, loss: torch.Tensor | None) -> None:
+        self._pending_loss = loss
+
+    def take_pending_loss(self) -> torch.Tensor | None:
+        loss, self._pending_loss = self._pending_loss, None
+        return loss
+
     # ---------------------------------------------------------------- internals
-    def _remember_for_recompute(self, indices: torch.Tensor) -> None:
+    def _remember_for_recompute(self, indices: torch.Tensor, microbatch: int) -> None:
         # Always queued: megatron runs a checkpointed region's first forward under no_grad, so
         # grad mode cannot tell it from a forward-only pass. The queue holds references to routes
         # of the current pass only and is dropped by ``reset`` at the end of the pass.
-        self._recompute_queue.append(indices.detach())
+        self._recompute_queue.append((indices.detach(), microbatch))
 
     def _recompute(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._recompute_queue:
@@ -137,7 +192,7 @@ class RouterReplayState:
                 f"layer {self.layer_number}: activation recompute without a matching forward "
                 f"route (action {self.action.value}); the replay state was reset mid-pass"
             )
-        indices = self._recompute_queue.popleft()
+        indices, _ = self._recompute_queue.popleft()
         if indices.shape[0] != scores.shape[0]:
             raise RuntimeError(
                 f"layer {self.layer_number}: recompute sees {scores.shape[0]} tokens but its "

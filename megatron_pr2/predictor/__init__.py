@@ -1,0 +1,1 @@
+"""The PR2 evolution predictor: module, feature cache, losses, optimizer grouping."""

@@ -1,0 +1,93 @@
+"""Budgeted host-memory cache of (router input, old logits) for sampled tokens of one layer.
+
+Tokens are keyed by ``sample_id << 32 | position`` so the update passes find the same tokens
+whatever the micro-batching. Which tokens are kept is a pure function of the key (a hash below a
+threshold), so every pass and every rank agrees without communication.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_HASH_MULT = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64 (Fibonacci hashing)
+
+
+def token_keys(sample_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    return (sample_ids.to(torch.int64) << 32) | positions.to(torch.int64)
+
+
+def sampled(keys: torch.Tensor, keep_fraction: float) -> torch.Tensor:
+    """Bool mask: the tokens whose key hashes below ``keep_fraction``; deterministic."""
+    if keep_fraction >= 1.0:
+        return torch.ones_like(keys, dtype=torch.bool)
+    hashed = ((keys * _HASH_MULT) >> 40) & ((1 << 24) - 1)  # top bits, uniform in [0, 2^24)
+    return hashed < int(keep_fraction * (1 << 24))
+
+
+class FeatureCache:
+    """Rows of (input, old logits) by token key; append during recording, then lookup."""
+
+    def __init__(self, dtype: str = "bf16") -> None:
+        self.dtype = _DTYPES[dtype]
+        self._parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._keys: torch.Tensor | None = None
+        self._inputs: torch.Tensor | None = None
+        self._logits: torch.Tensor | None = None
+
+    def add(self, keys: torch.Tensor, inputs: torch.Tensor, logits: torch.Tensor) -> None:
+        if keys.numel() == 0:
+            return
+        self._parts.append(
+            (
+                keys.detach().cpu(),
+                inputs.detach().to("cpu", self.dtype),
+                logits.detach().to("cpu", self.dtype),
+            )
+        )
+        self._keys = None  # re-sort lazily
+
+    def _finalize(self) -> None:
+        if self._keys is not None or not self._parts:
+            return
+        keys = torch.cat([k for k, _, _ in self._parts])
+        order = keys.argsort()
+        self._keys = keys[order]
+        self._inputs = torch.cat([i for _, i, _ in self._parts])[order]
+        self._logits = torch.cat([g for _, _, g in self._parts])[order]
+        self._parts = [(self._keys, self._inputs, self._logits)]
+
+    def lookup(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows of ``keys`` that are cached, their inputs, their old logits) — fp32, on
+        ``keys.device``."""
+        self._finalize()
+        device = keys.device
+        if self._keys is None:
+            empty = torch.empty(0, dtype=torch.int64, device=device)
+            return empty, torch.empty(0, device=device), torch.empty(0, device=device)
+        query = keys.detach().cpu()
+        position = torch.searchsorted(self._keys, query).clamp_(max=self._keys.numel() - 1)
+        hit = self._keys[position] == query
+        rows = hit.nonzero().flatten()
+        found = position[rows]
+        return (
+            rows.to(device),
+            self._inputs[found].to(device, torch.float32),
+            self._logits[found].to(device, torch.float32),
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(k.numel() for k, _, _ in self._parts)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            k.numel() * k.element_size()
+            + i.numel() * i.element_size()
+            + g.numel() * g.element_size()
+            for k, i, g in self._parts
+        )
+
+    def clear(self) -> None:
+        self.__init__({v: k for k, v in _DTYPES.items()}[self.dtype])

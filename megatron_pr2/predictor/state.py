@@ -1,0 +1,119 @@
+"""Per-router PR2 state: feature cache of the recording pass, loss of the update passes, and
+the predictive metrics counters."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_pr2.config import PredictorConfig
+from megatron_pr2.predictor.cache import FeatureCache, sampled
+from megatron_pr2.predictor.loss import predictor_loss
+from megatron_pr2.predictor.module import EvolutionPredictor
+
+# Layout of the predictive counter vector (float64).
+LOSS_SUM, LOSS_CALLS, ACC_OVERLAP, ACC_TOKENS, BIAS_ABS, LOGIT_ABS, CACHE_TOKENS, CACHE_BYTES = (
+    range(8)
+)
+NUM_COUNTERS = 8
+
+
+class PredictorState:
+    def __init__(self, config: PredictorConfig, topk: int) -> None:
+        self.config = config
+        self.topk = topk
+        self.cache = FeatureCache(config.cache_dtype)
+        self.keep_fraction = 1.0
+        self.compute_loss = False
+        self.counters = torch.zeros(NUM_COUNTERS, dtype=torch.float64)
+
+    def start_recording(self, total_tokens: int | None) -> None:
+        """New rollout batch: drop the old cache and size the sample to the token budget."""
+        self.cache.clear()
+        budget = self.config.cache_tokens_per_step
+        self.keep_fraction = 1.0 if not total_tokens else min(1.0, budget / total_tokens)
+
+    @torch.no_grad()
+    def record(
+        self,
+        predictor: EvolutionPredictor,
+        hidden: torch.Tensor,
+        logits: torch.Tensor,
+        keys: torch.Tensor,
+    ) -> torch.Tensor:
+        """Cache the sampled tokens' features; return the predicted offset for all tokens."""
+        offset = predictor(hidden)
+        keep = sampled(keys, self.keep_fraction)
+        room = self.config.cache_tokens_per_step - self.cache.num_tokens
+        if room > 0:
+            rows = keep.nonzero().flatten()[:room]
+            self.cache.add(keys[rows], hidden[rows], logits[rows])
+        self.counters[BIAS_ABS] += offset.abs().sum().double().cpu()
+        self.counters[LOGIT_ABS] += logits.abs().sum().double().cpu()
+        return offset
+
+    def loss(
+        self, predictor: EvolutionPredictor, current_logits: torch.Tensor, keys: torch.Tensor
+    ) -> torch.Tensor:
+        """Loss on this microbatch's cached tokens (gradient to the predictor only)."""
+        rows, old_hidden, old_logits = self.cache.lookup(keys)
+        if rows.numel() == 0:  # still join the backward so every rank's predictor gets a grad
+            return predictor.weight.sum() * 0.0
+        offset = predictor(old_hidden)
+        current = current_logits.detach()[rows].float()
+        loss = predictor_loss(self.config.loss_type, offset, old_logits, current)
+        with torch.no_grad():
+            k = self.topk
+            predicted = (old_logits + offset).topk(k, dim=1).indices
+            target = current.topk(k, dim=1).indices
+            overlap = (predicted.unsqueeze(2) == target.unsqueeze(1)).any(dim=2).sum()
+            self.counters[LOSS_SUM] += loss.detach().double().cpu()
+            self.counters[LOSS_CALLS] += 1
+            self.counters[ACC_OVERLAP] += overlap.double().cpu()
+            self.counters[ACC_TOKENS] += rows.numel()
+        return loss
+
+    def take_counters(self) -> torch.Tensor:
+        counters = self.counters.clone()
+        counters[CACHE_TOKENS] = self.cache.num_tokens
+        counters[CACHE_BYTES] = self.cache.nbytes
+        self.counters.zero_()
+        return counters
+
+
+def summarize(per_layer: dict[int, torch.Tensor], topk: int) -> dict[str, float]:
+    """``pr2/{predictive_loss, predictive_topk_accuracy, bias_to_logits_ratio, cache_tokens,
+    cache_bytes}``, layer-averaged and per layer (``/layer_{n}``)."""
+    out: dict[str, float] = {}
+
+    def named(c: torch.Tensor, suffix: str) -> dict[str, float]:
+        metrics = {
+            f"pr2/cache_tokens{suffix}": float(c[CACHE_TOKENS]),
+            f"pr2/cache_bytes{suffix}": float(c[CACHE_BYTES]),
+        }
+        if c[LOGIT_ABS] > 0:
+            metrics[f"pr2/bias_to_logits_ratio{suffix}"] = float(c[BIAS_ABS] / c[LOGIT_ABS])
+        if c[LOSS_CALLS] > 0:
+            metrics[f"pr2/predictive_loss{suffix}"] = float(c[LOSS_SUM] / c[LOSS_CALLS])
+        if c[ACC_TOKENS] > 0:
+            metrics[f"pr2/predictive_topk_accuracy{suffix}"] = float(
+                c[ACC_OVERLAP] / (c[ACC_TOKENS] * topk)
+            )
+        return metrics
+
+    if not per_layer:
+        return out
+    layers = sorted(per_layer)
+    for layer in layers:
+        out.update(named(per_layer[layer], f"/layer_{layer}"))
+    for name in ("predictive_loss", "predictive_topk_accuracy", "bias_to_logits_ratio"):
+        values = [
+            out[f"pr2/{name}/layer_{layer}"]
+            for layer in layers
+            if f"pr2/{name}/layer_{layer}" in out
+        ]
+        if values:
+            out[f"pr2/{name}"] = sum(values) / len(values)
+    totals = torch.stack([per_layer[layer] for layer in layers]).sum(dim=0)
+    out["pr2/cache_tokens"] = float(totals[CACHE_TOKENS])
+    out["pr2/cache_bytes"] = float(totals[CACHE_BYTES])
+    return out
