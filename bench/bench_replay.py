@@ -373,24 +373,33 @@ def cpu_model() -> str:
     return match.group(1).strip() if match else platform.machine()
 
 
-def others_busy(seconds: float = 1.0) -> float | None:
-    """CPU busy % of the whole machine over ``seconds`` while this process sleeps."""
+class LoadMeter:
+    """CPU used by *other* processes on this machine since construction, in % of all cores
+    (whole-machine busy time from /proc/stat minus this process's own CPU time)."""
 
-    def sample() -> tuple[int, int]:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    def __init__(self) -> None:
+        self.start = self.sample()
+
+    @staticmethod
+    def sample() -> tuple[float, float, float] | None:
+        try:
+            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        tick = os.sysconf("SC_CLK_TCK")
+        own = os.times()
         idle = fields[3] + fields[4]  # idle + iowait
-        return sum(fields) - idle, sum(fields)
+        return (sum(fields) - idle) / tick, sum(fields) / tick, own.user + own.system
 
-    try:
-        busy0, total0 = sample()
-        time.sleep(seconds)
-        busy1, total1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    return 100.0 * (busy1 - busy0) / max(total1 - total0, 1)
+    def others_percent(self) -> float | None:
+        end = self.sample()
+        if self.start is None or end is None:
+            return None
+        busy, total, own = (b - a for a, b in zip(self.start, end))
+        return max(0.0, 100.0 * (busy - own) / max(total, 1e-9))
 
 
-def fmt_busy(value: float | None) -> str:
+def fmt_percent(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0f}%"
 
 
@@ -442,10 +451,11 @@ def subsection(rows: list[Row], args: argparse.Namespace, total_s: float) -> str
             f"Python {platform.python_version()}, torch {torch.__version__}, "
             f"torch threads {torch.get_num_threads()}",
             f"* command (from the repo root): `{command_line()}`; megatron_pr2 at {code_version()}",
-            f"* other load on the machine (CPU busy while this script slept 1 s) at start / "
-            f"end: {fmt_busy(args.busy_start)} / {fmt_busy(others_busy())}. Other processes on the 2 cores stall "
-            "torch's 2-thread parallel regions (a tiny router step went from 0.35 ms to ~12 ms "
-            "under a concurrent pytest), so only numbers from an idle machine are meaningful",
+            f"* CPU used by other processes: {fmt_percent(args.load_before)} of the machine in "
+            f"the 1 s before the run, {fmt_percent(args.load_during)} during it. Other "
+            "processes on the 2 cores stall torch's 2-thread parallel regions (a tiny router "
+            "step went from 0.35 ms to ~12 ms under a concurrent pytest), so only runs with "
+            "~0% are meaningful",
             f"* repetitions: {args.warmup} warm-up + {args.reps} measured per variant "
             f"(router), {args.gpt_warmup} + {args.gpt_reps} (GPT step); total run {total_s:.0f} s",
             "",
@@ -506,10 +516,13 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
 
+    meter = LoadMeter()
+    time.sleep(1.0)
+    args.load_before = meter.others_percent()
+    if args.load_before is not None and args.load_before > 5:
+        print(f"warning: other processes use {args.load_before:.0f}% of the CPU; noisy timings")
+    meter = LoadMeter()
     start = time.perf_counter()
-    args.busy_start = others_busy()
-    if args.busy_start is not None and args.busy_start > 5:
-        print(f"warning: the machine is {args.busy_start:.0f}% busy before the run; noisy timings")
     init_world1()
     from megatron_pr2.models.gpt import TinyMoEShape
     from megatron_pr2.patch import megatron_core_version
@@ -530,6 +543,7 @@ def main() -> None:
     rows += bench_router("router-small", small, 64, 2, args.warmup, args.reps)
     rows += bench_gpt("gpt-step", TinyMoEShape(), 2, 64, 4, args.gpt_warmup, args.gpt_reps)
     total = time.perf_counter() - start
+    args.load_during = meter.others_percent()
 
     sub = subsection(rows, args, total)
     print(sub)

@@ -167,10 +167,9 @@ def build_variants(permute_fusion: bool) -> tuple[dict[str, torch.nn.Module], bo
     RouterReplay.clear_global_router_replay_instances()
     native_config = layer_config(permute_fusion, moe_enable_routing_replay=True)
     layers["native"] = build_layer(spec, native_config)
-    if len(RouterReplay.global_router_replay_instances) != 1:
-        fail(
-            f"expected 1 native RouterReplay, found {len(RouterReplay.global_router_replay_instances)}"
-        )
+    native_count = len(RouterReplay.global_router_replay_instances)
+    if native_count != 1:
+        fail(f"expected 1 native RouterReplay instance, found {native_count}")
 
     reference = layers["none"].state_dict()
     for name in ("native", "ours", "ours_nometrics"):

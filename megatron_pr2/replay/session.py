@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_pr2.predictor import state as predictor_state
 from megatron_pr2.replay import metrics as replay_metrics
 from megatron_pr2.replay.state import RouteAction, RouterReplayState
 
@@ -166,4 +167,29 @@ class ReplaySession:
         per_layer = {
             layer: table[layer] for layer in range(1, num_layers + 1) if table[layer, 0] > 0
         }
-        return replay_metrics.summarize(per_layer, self.topk)
+        out = replay_metrics.summarize(per_layer, self.topk)
+        out.update(self._predictor_metrics(num_layers, group))
+        return out
+
+    def _predictor_metrics(self, num_layers: int, group) -> dict[str, float]:
+        """PR2 metrics (same collective pattern; a no-op table when no router has a predictor)."""
+        table = torch.zeros(num_layers + 1, predictor_state.NUM_COUNTERS, dtype=torch.float64)
+        has_predictor = False
+        for layer in self.layers:
+            if self.state(layer).predictor is not None:
+                table[layer] = self.state(layer).predictor.take_counters()
+                has_predictor = True
+        if not has_predictor:
+            return {}
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(table, group=group)
+        present = [layer for layer in range(1, num_layers + 1) if table[layer].abs().sum() > 0]
+        return predictor_state.summarize({layer: table[layer] for layer in present}, self.topk)
+
+    def predictor_parameters(self) -> list[torch.nn.Parameter]:
+        return [
+            router.evolution_predictor.weight
+            for router in self._routers.values()
+            if getattr(router, "evolution_predictor", None) is not None
+        ]
