@@ -142,6 +142,7 @@ def test_cache_sampling_is_a_pure_function_of_the_key_and_respects_the_budget():
     rows, inputs, logits = cache.lookup(keys[:100])
     assert torch.equal(rows, mask[:100].nonzero().flatten())
     assert inputs.dtype == torch.float32 and inputs.shape == (rows.numel(), 8)
+    assert logits.shape == (rows.numel(), 4)
     assert cache.nbytes == int(mask.sum()) * (8 + 2 * 8 + 2 * 4)
 
 
