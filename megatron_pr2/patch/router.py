@@ -99,8 +99,9 @@ class ReplayTopKRouter(TopKRouter):
         elif state.predictor.compute_loss and torch.is_grad_enabled():
             # Once per microbatch: in the forward, or (when checkpointed, since megatron runs
             # the first forward under no_grad) in the recompute; like megatron's aux losses.
+            token_group = self.tp_cp_group if self.config.sequence_parallel else self.cp_group
             state.set_pending_loss(
-                state.predictor.loss(self.evolution_predictor, flat_logits, keys)
+                state.predictor.loss(self.evolution_predictor, flat_logits, keys, token_group)
             )
         return logits
 

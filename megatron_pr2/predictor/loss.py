@@ -9,25 +9,24 @@ import torch.nn.functional as F
 from megatron_pr2.config import PredictorLoss
 
 
-def predictor_loss(
+def per_token_predictor_loss(
     kind: PredictorLoss,
     offset: torch.Tensor,
     old_logits: torch.Tensor,
     current_logits: torch.Tensor,
 ) -> torch.Tensor:
-    """Mean over tokens of the per-token loss; all inputs ``[tokens, experts]``, fp32."""
+    """``[tokens]`` losses; inputs ``[tokens, experts]``. Forward KL(target || prediction),
+    summed over experts (the paper's direction, not the reversed one of early reference code);
+    L2 is averaged over experts."""
     current_logits = current_logits.detach().float()
     old_logits = old_logits.float()
     if kind is PredictorLoss.KL_POST:
         target = F.log_softmax(current_logits, dim=-1)
         predicted = F.log_softmax(old_logits + offset, dim=-1)
-        return F.kl_div(predicted, target, log_target=True, reduction="batchmean")
+        return F.kl_div(predicted, target, log_target=True, reduction="none").sum(dim=-1)
     delta = current_logits - old_logits
     if kind is PredictorLoss.KL_DELTA:
-        return F.kl_div(
-            F.log_softmax(offset, dim=-1),
-            F.log_softmax(delta, dim=-1),
-            log_target=True,
-            reduction="batchmean",
-        )
-    return F.mse_loss(offset, delta)
+        target = F.log_softmax(delta, dim=-1)
+        predicted = F.log_softmax(offset, dim=-1)
+        return F.kl_div(predicted, target, log_target=True, reduction="none").sum(dim=-1)
+    return (offset - delta).pow(2).mean(dim=-1)

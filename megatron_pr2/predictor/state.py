@@ -7,7 +7,7 @@ import torch
 
 from megatron_pr2.config import PredictorConfig
 from megatron_pr2.predictor.cache import FeatureCache, sampled
-from megatron_pr2.predictor.loss import predictor_loss
+from megatron_pr2.predictor.loss import per_token_predictor_loss
 from megatron_pr2.predictor.module import EvolutionPredictor
 
 # Layout of the predictive counter vector (float64).
@@ -52,15 +52,29 @@ class PredictorState:
         return offset
 
     def loss(
-        self, predictor: EvolutionPredictor, current_logits: torch.Tensor, keys: torch.Tensor
+        self,
+        predictor: EvolutionPredictor,
+        current_logits: torch.Tensor,
+        keys: torch.Tensor,
+        token_group: torch.distributed.ProcessGroup | None = None,
     ) -> torch.Tensor:
-        """Loss on this microbatch's cached tokens (gradient to the predictor only)."""
+        """Mean loss over this microbatch's cached tokens (gradient to the predictor only).
+
+        ``token_group``: ranks that hold other tokens of the same microbatch (TP under sequence
+        parallelism, CP). The mean is taken over all of their cached tokens, so the predictor
+        gradient summed over that group (megatron's all-reduce of ``sequence_parallel``
+        params) equals the single-rank gradient.
+        """
         rows, old_hidden, old_logits = self.cache.lookup(keys)
+        count = torch.tensor([float(rows.numel())], device=current_logits.device)
+        if token_group is not None and token_group.size() > 1:
+            torch.distributed.all_reduce(count, group=token_group)
         if rows.numel() == 0:  # still join the backward so every rank's predictor gets a grad
             return predictor.weight.sum() * 0.0
         offset = predictor(old_hidden)
         current = current_logits.detach()[rows].float()
-        loss = predictor_loss(self.config.loss_type, offset, old_logits, current)
+        per_token = per_token_predictor_loss(self.config.loss_type, offset, old_logits, current)
+        loss = per_token.sum() / count.clamp(min=1.0).squeeze(0)
         with torch.no_grad():
             k = self.topk
             predicted = (old_logits + offset).topk(k, dim=1).indices

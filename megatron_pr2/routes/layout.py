@@ -162,11 +162,13 @@ class MicrobatchLayout:
 
     @property
     def cu_seqlens(self) -> torch.Tensor:
-        return _cumsum0(self.lengths)
+        """int32 ``[n + 1]`` cumulative lengths (megatron's ``PackedSeqParams.cu_seqlens_q``)."""
+        return torch.from_numpy(_cumsum0(self.lengths).astype(np.int32))
 
     @property
     def cu_seqlens_padded(self) -> torch.Tensor:
-        return _cumsum0(self.padded_lengths)
+        """int32 ``[n + 1]`` cumulative padded lengths (``cu_seqlens_q_padded``)."""
+        return torch.from_numpy(_cumsum0(self.padded_lengths).astype(np.int32))
 
     def index_of(self, sample_id: int) -> int:
         try:
@@ -176,28 +178,26 @@ class MicrobatchLayout:
                 f"sample {sample_id}: not in this microbatch (samples {list(self.sample_ids)})"
             ) from None
 
-    def start_slots(self) -> torch.Tensor:
-        """First slot of each sample's span in the flattened model input."""
-        return _cumsum0(self.padded_lengths)[:-1].to(torch.int64)
-
-    def stream_offsets(self) -> torch.Tensor:
-        """Offset of each sample in the token stream (samples' tokens concatenated, no pad)."""
-        return _cumsum0(self.lengths)[:-1].to(torch.int64)
-
     def slot_to_stream(self) -> torch.Tensor:
         """``[num_slots]``: the stream index held by each slot, ``-1`` for padding."""
-        lengths = torch.tensor(self.lengths, dtype=torch.int64)
-        sample = torch.repeat_interleave(torch.arange(len(self.lengths)), lengths)
-        stream = torch.arange(self.num_tokens, dtype=torch.int64)
-        position = stream - self.stream_offsets()[sample]
-        out = torch.full((self.num_slots,), -1, dtype=torch.int64)
-        out[self.start_slots()[sample] + position] = stream
-        return out
+        return torch.from_numpy(_slot_to_stream(self))
 
 
-def _cumsum0(values: Sequence[int]) -> torch.Tensor:
-    out = torch.zeros(len(values) + 1, dtype=torch.int32)
-    out[1:] = torch.tensor(values, dtype=torch.int64).cumsum(0).to(torch.int32)
+# Index maps are built with numpy: they are small integer arithmetic on a few arrays, where
+# numpy has no per-op dispatch cost; tensors are made once at the end.
+def _cumsum0(values: Sequence[int]) -> np.ndarray:
+    out = np.zeros(len(values) + 1, dtype=np.int64)
+    np.cumsum(values, out=out[1:])
+    return out
+
+
+def _slot_to_stream(layout: MicrobatchLayout) -> np.ndarray:
+    lengths = np.asarray(layout.lengths, dtype=np.int64)
+    sample = np.repeat(np.arange(len(lengths)), lengths)
+    stream = np.arange(layout.num_tokens, dtype=np.int64)
+    position = stream - _cumsum0(layout.lengths)[:-1][sample]
+    out = np.full(layout.num_slots, -1, dtype=np.int64)
+    out[_cumsum0(layout.padded_lengths)[:-1][sample] + position] = stream
     return out
 
 
@@ -221,60 +221,62 @@ def check_layout(layout: MicrobatchLayout, coords: RankCoords) -> None:
 
 
 # ----------------------------------------------------------------------------- the index map
+def _cp_zigzag_slots(layout: MicrobatchLayout, cp_size: int, cp_rank: int) -> np.ndarray:
+    b = layout.batch_size
+    if cp_size == 1:
+        return np.arange(layout.num_slots, dtype=np.int64).reshape(b, -1)
+    chunk = np.asarray(layout.padded_lengths, dtype=np.int64) // (2 * cp_size)
+    seq = np.repeat(np.arange(len(chunk)), 2 * chunk)  # sequence of each local slot
+    j = np.arange(seq.size, dtype=np.int64) - _cumsum0(2 * chunk)[:-1][seq]  # index within it
+    c = chunk[seq]
+    first = j < c
+    which = np.where(first, cp_rank, 2 * cp_size - 1 - cp_rank)
+    slots = _cumsum0(layout.padded_lengths)[:-1][seq] + which * c + np.where(first, j, j - c)
+    return slots.reshape(b, -1)
+
+
 def cp_zigzag_slots(layout: MicrobatchLayout, cp_size: int, cp_rank: int) -> torch.Tensor:
     """``[b, s / CP]`` slots kept by CP rank ``cp_rank``: per sequence, chunks ``r`` and
     ``2*CP-1-r`` of ``2*CP`` (megatron's split of ``input_ids``)."""
-    b = layout.batch_size
-    if cp_size == 1:
-        return torch.arange(layout.num_slots, dtype=torch.int64).view(b, -1)
-    chunk = torch.tensor(layout.padded_lengths, dtype=torch.int64) // (2 * cp_size)
-    start = layout.start_slots()
-    seq = torch.repeat_interleave(torch.arange(len(chunk)), 2 * chunk)
-    j = (
-        torch.arange(int(seq.numel()), dtype=torch.int64)
-        - _cumsum0((2 * chunk).tolist())[:-1].to(torch.int64)[seq]
-    )
-    c = chunk[seq]
-    first = j < c
-    which = torch.where(
-        first, torch.full_like(j, cp_rank), torch.full_like(j, 2 * cp_size - 1 - cp_rank)
-    )
-    slots = start[seq] + which * c + torch.where(first, j, j - c)
-    return slots.view(b, -1)
+    return torch.from_numpy(_cp_zigzag_slots(layout, cp_size, cp_rank))
 
 
-def local_slots(layout: MicrobatchLayout, coords: RankCoords) -> torch.Tensor:
-    """Model-input slot of each router row on this rank (CP split, [s, b] order, SP slice)."""
+def _local_slots(layout: MicrobatchLayout, coords: RankCoords) -> np.ndarray:
     check_layout(layout, coords)
-    slots = cp_zigzag_slots(layout, coords.cp_size, coords.cp_rank)  # [b, s_local]
-    rows = slots.t().reshape(-1)  # router order: sequence-major from [s, b]
+    slots = _cp_zigzag_slots(layout, coords.cp_size, coords.cp_rank)  # [b, s_local]
+    rows = slots.T.reshape(-1)  # router order: sequence-major from [s, b]
     if coords.sp_split > 1:
-        per_rank = rows.numel() // coords.sp_split
+        per_rank = rows.size // coords.sp_split
         rows = rows[coords.tp_rank * per_rank : (coords.tp_rank + 1) * per_rank]
     return rows
 
 
+def local_slots(layout: MicrobatchLayout, coords: RankCoords) -> torch.Tensor:
+    """Model-input slot of each router row on this rank (CP split, [s, b] order, SP slice)."""
+    return torch.from_numpy(np.ascontiguousarray(_local_slots(layout, coords)))
+
+
 def rank_stream_index(layout: MicrobatchLayout, coords: RankCoords) -> torch.Tensor:
     """Stream index (samples' tokens concatenated) of each router row; ``-1`` = padding."""
-    return layout.slot_to_stream()[local_slots(layout, coords)]
+    return torch.from_numpy(_slot_to_stream(layout)[_local_slots(layout, coords)])
 
 
 def rank_valid_mask(layout: MicrobatchLayout, coords: RankCoords) -> torch.Tensor:
     """True for router rows that hold a real token (False = padding: keep out of metrics)."""
-    return rank_stream_index(layout, coords) >= 0
+    return torch.from_numpy(_slot_to_stream(layout)[_local_slots(layout, coords)] >= 0)
 
 
 def rank_token_keys(layout: MicrobatchLayout, coords: RankCoords) -> torch.Tensor:
     """Predictor token keys (``sample << 32 | position``, see ``predictor.cache.token_keys``)
     of each router row; padding rows get unique negative keys ``-(1 + slot)``."""
-    slots = local_slots(layout, coords)
-    stream = layout.slot_to_stream()[slots]
-    ids = torch.tensor(layout.sample_ids, dtype=torch.int64)
-    offsets = layout.stream_offsets()
-    valid = stream >= 0
-    sample = torch.searchsorted(offsets, stream.clamp(min=0), right=True) - 1
-    keys = (ids[sample] << 32) | (stream.clamp(min=0) - offsets[sample])
-    return torch.where(valid, keys, -(slots + 1))
+    slots = _local_slots(layout, coords)
+    stream = _slot_to_stream(layout)[slots]
+    ids = np.asarray(layout.sample_ids, dtype=np.int64)
+    offsets = _cumsum0(layout.lengths)[:-1]
+    clamped = np.maximum(stream, 0)
+    sample = np.searchsorted(offsets, clamped, side="right") - 1
+    keys = (ids[sample] << 32) | (clamped - offsets[sample])
+    return torch.from_numpy(np.where(stream >= 0, keys, -(slots + 1)))
 
 
 def pack_model_input(
@@ -355,9 +357,7 @@ def assemble(
             seen[rows] = True
     if not bool(seen.all()):
         missing = int((~seen).nonzero()[0, 0])
-        sample = (
-            int(torch.searchsorted(layout.stream_offsets(), torch.tensor(missing), right=True)) - 1
-        )
+        sample = int(np.searchsorted(_cumsum0(layout.lengths)[:-1], missing, side="right")) - 1
         raise ValueError(f"assemble: sample {layout.sample_ids[sample]} has tokens no rank holds")
     assert stream is not None
     return list(stream.split(list(layout.lengths)))
@@ -447,14 +447,14 @@ def routes_for_rank(
             np.take(payload.routes, columns, axis=1, out=block)
         offset += payload.num_tokens
 
-    slots = local_slots(layout, coords)
-    index = layout.slot_to_stream()[slots]
-    rows = torch.from_numpy(stream).index_select(0, index.clamp(min=0))
+    slots = _local_slots(layout, coords)
+    index = _slot_to_stream(layout)[slots]
     pad = index < 0
-    if bool(pad.any()):
-        filler = spread_routes(slots[pad], layers, ref.topk, ref.num_experts)
-        rows[pad] = filler.to(rows.dtype)
-    per_layer = rows.permute(1, 0, 2).contiguous()
+    rows = stream.take(np.maximum(index, 0), axis=0)  # [local rows, layers, topk]
+    if pad.any():
+        filler = spread_routes(torch.from_numpy(slots[pad]), layers, ref.topk, ref.num_experts)
+        rows[pad] = filler.numpy().astype(rows.dtype)
+    per_layer = torch.from_numpy(np.ascontiguousarray(rows.transpose(1, 0, 2)))
     return {layer: per_layer[i] for i, layer in enumerate(layers)}
 
 
