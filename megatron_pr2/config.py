@@ -52,15 +52,19 @@ class PredictorConfig:
         bias_in_gate_weights: use ``old logits + offset`` for the recording pass's gate weights
             too (paper fidelity). Off by default, so old log-probs equal plain routing's at
             mini-step 0 and the offset only changes *which* experts are used.
-        cache_tokens_per_step: token budget of the (router input, old logits) feature cache per
-            recording pass and rank; tokens are sampled by a hash of (sample, position).
+        cache_keep_fraction: share of tokens whose (router input, old logits) are cached in the
+            recording pass, picked by a hash of (sample, position) so every pass and rank agrees.
+            The default 0.03 in bf16 costs 1.5 % of an unbounded fp32 cache (Qwen3-30B-A3B:
+            6.1 KiB instead of 408 KiB per token of the batch).
+        cache_tokens_per_step: hard cap on cached tokens per recording pass, layer and rank.
         cache_dtype: host storage dtype of the cache (``bf16``, ``fp16`` or ``fp32``).
     """
 
     loss_type: PredictorLoss = PredictorLoss.KL_POST
     lr_mult: float = 1000.0
     bias_in_gate_weights: bool = False
-    cache_tokens_per_step: int = 2048
+    cache_keep_fraction: float = 0.03
+    cache_tokens_per_step: int = 65536
     cache_dtype: str = "bf16"
 
     def __post_init__(self) -> None:
@@ -72,6 +76,10 @@ class PredictorConfig:
             )
         if self.cache_tokens_per_step < 1:
             raise ValueError("predictor.cache_tokens_per_step must be >= 1")
+        if not 0.0 < self.cache_keep_fraction <= 1.0:
+            raise ValueError(
+                f"predictor.cache_keep_fraction must be in (0, 1], got {self.cache_keep_fraction}"
+            )
 
 
 @dataclass

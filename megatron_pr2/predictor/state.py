@@ -22,15 +22,12 @@ class PredictorState:
         self.config = config
         self.topk = topk
         self.cache = FeatureCache(config.cache_dtype)
-        self.keep_fraction = 1.0
         self.compute_loss = False
         self.counters = torch.zeros(NUM_COUNTERS, dtype=torch.float64)
 
-    def start_recording(self, total_tokens: int | None) -> None:
-        """New rollout batch: drop the old cache and size the sample to the token budget."""
+    def start_recording(self) -> None:
+        """New rollout batch: drop the previous batch's cache."""
         self.cache.clear()
-        budget = self.config.cache_tokens_per_step
-        self.keep_fraction = 1.0 if not total_tokens else min(1.0, budget / total_tokens)
 
     @torch.no_grad()
     def record(
@@ -42,7 +39,7 @@ class PredictorState:
     ) -> torch.Tensor:
         """Cache the sampled tokens' features; return the predicted offset for all tokens."""
         offset = predictor(hidden)
-        keep = sampled(keys, self.keep_fraction)
+        keep = sampled(keys, self.config.cache_keep_fraction)
         room = self.config.cache_tokens_per_step - self.cache.num_tokens
         if room > 0:
             rows = keep.nonzero().flatten()[:room]

@@ -91,10 +91,9 @@ class ReplaySession:
         keyed by (microbatch, row), which requires the same micro-batching in the update passes.
         """
         record = RouteRecord()
-        total = sum(k.numel() for k in token_keys if k is not None) if token_keys else None
         for state in self._states():
             if state.predictor is not None:
-                state.predictor.start_recording(total)
+                state.predictor.start_recording()
             state.set_action(RouteAction.RECORD, token_keys=token_keys)
         try:
             yield record

@@ -17,6 +17,7 @@ from tests.support import replay_harness as h
 
 
 def build(mode: str, recompute: str = "off", seed: int = 5, shape=h.SHAPE, **predictor):
+    predictor.setdefault("cache_keep_fraction", 1.0)  # tiny batches: cache every token
     torch.manual_seed(seed)
     config = moe_transformer_config(shape, **h.RECOMPUTE[recompute])
     replay = RouterReplayConfig(mode=mode, predictor=PredictorConfig(**predictor))
