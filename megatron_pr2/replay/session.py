@@ -25,20 +25,37 @@ import torch
 
 from megatron_pr2.predictor import state as predictor_state
 from megatron_pr2.replay import metrics as replay_metrics
-from megatron_pr2.replay.state import RouteAction, RouterReplayState
+from megatron_pr2.replay.state import PlannedRoute, RouteAction, RouterReplayState
 
 Routes = Mapping[int, Sequence["torch.Tensor | None"]]
+
+
+class PreparedRoutes(Mapping[int, list[torch.Tensor]]):
+    """Validated routes, reusable for every update pass of a rollout batch without validating
+    again. Reads like the plain ``{layer: [tensor per microbatch]}`` mapping."""
+
+    def __init__(self, plans: dict[int, list[PlannedRoute | None]]) -> None:
+        self.plans = plans
+
+    def __getitem__(self, layer: int) -> list[torch.Tensor]:
+        return [None if p is None else p.indices for p in self.plans[layer]]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.plans)
+
+    def __len__(self) -> int:
+        return len(self.plans)
 
 
 @dataclass
 class RouteRecord:
     """Routes recorded in one pass; filled when the ``recording()`` block exits."""
 
-    routes: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    routes: PreparedRoutes = field(default_factory=lambda: PreparedRoutes({}))
 
     @property
     def num_microbatches(self) -> int:
-        return len(next(iter(self.routes.values()), []))
+        return len(next(iter(self.routes.plans.values()), []))
 
 
 class ReplaySession:
@@ -97,7 +114,12 @@ class ReplaySession:
             state.set_action(RouteAction.RECORD, token_keys=token_keys)
         try:
             yield record
-            record.routes = {layer: list(self.state(layer).recorded) for layer in self.layers}
+            record.routes = PreparedRoutes(  # our own top-k output: valid by construction
+                {
+                    layer: [PlannedRoute(idx, None) for idx in self.state(layer).recorded]
+                    for layer in self.layers
+                }
+            )
         finally:
             self.reset()
 
@@ -113,16 +135,17 @@ class ReplaySession:
         ``predictor_loss`` (pr2, mini-steps >= 1): add each router's predictor loss on the cached
         tokens of the batch, through megatron's aux-loss plumbing.
         """
-        missing = [layer for layer in self.layers if layer not in routes]
+        plans = self.prepare(routes).plans
+        missing = [layer for layer in self.layers if layer not in plans]
         if missing:
             raise ValueError(f"routes missing for local MoE layer(s) {missing}")
-        counts = {layer: len(routes[layer]) for layer in self.layers}
+        counts = {layer: len(plans[layer]) for layer in self.layers}
         if len(set(counts.values())) != 1:
             raise ValueError(f"routes give different microbatch counts per layer: {counts}")
         try:
             for layer in self.layers:
                 self.state(layer).set_action(
-                    RouteAction.REPLAY, list(routes[layer]), token_keys, predictor_loss
+                    RouteAction.REPLAY, plans[layer], token_keys, predictor_loss
                 )
             yield
             unused = {
@@ -134,6 +157,22 @@ class ReplaySession:
                 raise RuntimeError(f"routes of some microbatches were never used: {unused}")
         finally:
             self.reset()
+
+    def prepare(self, routes: Routes) -> PreparedRoutes:
+        """Validate external (e.g. rollout-engine) routes once per rollout batch.
+
+        Layers not on this rank are ignored. Raises ``ValueError`` naming layer, microbatch
+        and token for any malformed route (see ``replay.routes``).
+        """
+        if isinstance(routes, PreparedRoutes):
+            return routes
+        return PreparedRoutes(
+            {
+                layer: [self.state(layer).prepare(r, mb) for mb, r in enumerate(routes[layer])]
+                for layer in self.layers
+                if layer in routes
+            }
+        )
 
     def reset(self) -> None:
         """Back to live routing and drop every route held (also after an exception)."""

@@ -56,7 +56,7 @@ class RouterReplayState:
         self.collect_metrics = collect_metrics
         self.layer_number: int | None = None  # megatron sets it (0.19 through set_layer_number)
         self.action = RouteAction.LIVE
-        self._plan: list[_PlannedRoute | None] = []
+        self._plan: list[PlannedRoute | None] = []
         self._cursor = 0
         self.recorded: list[torch.Tensor] = []
         self._recompute_queue: deque[tuple[torch.Tensor, int]] = deque()  # (route, microbatch)
@@ -70,7 +70,7 @@ class RouterReplayState:
     def set_action(
         self,
         action: RouteAction,
-        plan: list[torch.Tensor | None] | None = None,
+        plan: list[torch.Tensor | PlannedRoute | None] | None = None,
         token_keys: list[torch.Tensor | None] | None = None,
         predictor_loss: bool = False,
     ) -> None:
@@ -82,7 +82,7 @@ class RouterReplayState:
                 raise ValueError(
                     f"layer {self.layer_number}: REPLAY needs one route per microbatch"
                 )
-            self._plan = [self._prepare(routes, mb) for mb, routes in enumerate(plan)]
+            self._plan = [self.prepare(routes, mb) for mb, routes in enumerate(plan)]
         self._token_keys = list(token_keys or [])
         if self.predictor is not None:
             self.predictor.compute_loss = predictor_loss and action is RouteAction.REPLAY
@@ -241,9 +241,12 @@ class RouterReplayState:
             self.counters = replay_metrics.new_counters(used.device)
         replay_metrics.accumulate(self.counters, used, live, self.num_experts, fallback_rows)
 
-    def _prepare(self, routes: torch.Tensor | None, microbatch: int) -> _PlannedRoute | None:
-        if routes is None:
-            return None
+    def prepare(
+        self, routes: torch.Tensor | PlannedRoute | None, microbatch: int
+    ) -> PlannedRoute | None:
+        """Validate one microbatch's routes once; a ``PlannedRoute`` passes through."""
+        if routes is None or isinstance(routes, PlannedRoute):
+            return routes
         indices = validate_routes(
             routes,
             layer=self.layer_number if self.layer_number is not None else -1,
@@ -252,9 +255,11 @@ class RouterReplayState:
             microbatch=microbatch,
         )
         fallback_rows = indices[:, 0] == FALLBACK  # validated: a -1 row is all -1
-        return _PlannedRoute(indices, fallback_rows if bool(fallback_rows.any()) else None)
+        return PlannedRoute(indices, fallback_rows if bool(fallback_rows.any()) else None)
 
 
-class _PlannedRoute(NamedTuple):
+class PlannedRoute(NamedTuple):
+    """One microbatch's validated route (validation runs once per rollout batch, not per pass)."""
+
     indices: torch.Tensor  # [tokens, topk] int64 global expert ids, -1 rows = live fallback
     fallback_rows: torch.Tensor | None  # [tokens] bool, None when no row falls back
