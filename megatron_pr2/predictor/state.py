@@ -39,7 +39,8 @@ class PredictorState:
     ) -> torch.Tensor:
         """Cache the sampled tokens' features; return the predicted offset for all tokens."""
         offset = predictor(hidden)
-        keep = sampled(keys, self.config.cache_keep_fraction)
+        # Negative keys mark padding (routes.layout): never a training target.
+        keep = sampled(keys, self.config.cache_keep_fraction) & (keys >= 0)
         room = self.config.cache_tokens_per_step - self.cache.num_tokens
         if room > 0:
             rows = keep.nonzero().flatten()[:room]

@@ -124,6 +124,26 @@ class MicrobatchLayout:
         return cls(tuple(int(s) for s in sample_ids), tuple(int(n) for n in lengths), padded, True)
 
     @classmethod
+    def from_cu_seqlens(
+        cls, sample_ids: Sequence[int], cu_seqlens: Any, cu_seqlens_padded: Any
+    ) -> MicrobatchLayout:
+        """THD layout from the packed batch's own ``cu_seqlens`` / ``cu_seqlens_padded`` (any
+        per-sequence padding policy, e.g. fp8 alignment)."""
+        bounds = np.asarray(cu_seqlens, dtype=np.int64).reshape(-1)
+        padded = np.asarray(cu_seqlens_padded, dtype=np.int64).reshape(-1)
+        if bounds.size != len(sample_ids) + 1 or padded.size != len(sample_ids) + 1:
+            raise ValueError(
+                f"{len(sample_ids)} samples need cu_seqlens of {len(sample_ids) + 1} entries, got "
+                f"{bounds.size} / {padded.size} (padded)"
+            )
+        return cls(
+            tuple(int(s) for s in sample_ids),
+            tuple(int(n) for n in np.diff(bounds)),
+            tuple(int(n) for n in np.diff(padded)),
+            True,
+        )
+
+    @classmethod
     def bshd(
         cls,
         sample_ids: Sequence[int],
@@ -169,14 +189,6 @@ class MicrobatchLayout:
     def cu_seqlens_padded(self) -> torch.Tensor:
         """int32 ``[n + 1]`` cumulative padded lengths (``cu_seqlens_q_padded``)."""
         return torch.from_numpy(_cumsum0(self.padded_lengths).astype(np.int32))
-
-    def index_of(self, sample_id: int) -> int:
-        try:
-            return self.sample_ids.index(sample_id)
-        except ValueError:
-            raise ValueError(
-                f"sample {sample_id}: not in this microbatch (samples {list(self.sample_ids)})"
-            ) from None
 
     def slot_to_stream(self) -> torch.Tensor:
         """``[num_slots]``: the stream index held by each slot, ``-1`` for padding."""
@@ -436,26 +448,48 @@ def routes_for_rank(
                 f"{ref.num_experts} / {ref.routes.dtype} (as sample {ref.sample_id})"
             )
 
-    stream = np.empty((layout.num_tokens, len(layers), ref.topk), dtype=ref.routes.dtype)
-    offset = 0
-    for payload in ordered:
-        columns = _columns(payload, layers)
-        block = stream[offset : offset + payload.num_tokens]
-        if isinstance(columns, slice):
-            np.copyto(block, payload.routes[:, columns])
-        else:
-            np.take(payload.routes, columns, axis=1, out=block)
-        offset += payload.num_tokens
-
     slots = _local_slots(layout, coords)
     index = _slot_to_stream(layout)[slots]
+    stream = _route_stream(ordered, layers, layout.num_tokens)  # [tokens, layers] of topk-ids
+    out = np.empty((len(layers), index.size), dtype=stream.dtype)
+    clamped = np.maximum(index, 0)
+    # Gather + transpose in cache-sized blocks of rows (several times faster than one big
+    # strided transpose); each element is one token's whole [topk] row.
+    for start in range(0, index.size, _BLOCK):
+        out[:, start : start + _BLOCK] = stream.take(clamped[start : start + _BLOCK], axis=0).T
+    routes = out.view(ref.routes.dtype).reshape(len(layers), index.size, ref.topk)
     pad = index < 0
-    rows = stream.take(np.maximum(index, 0), axis=0)  # [local rows, layers, topk]
     if pad.any():
         filler = spread_routes(torch.from_numpy(slots[pad]), layers, ref.topk, ref.num_experts)
-        rows[pad] = filler.numpy().astype(rows.dtype)
-    per_layer = torch.from_numpy(np.ascontiguousarray(rows.transpose(1, 0, 2)))
+        routes[:, pad] = filler.numpy().astype(routes.dtype).transpose(1, 0, 2)
+    per_layer = torch.from_numpy(routes)
     return {layer: per_layer[i] for i, layer in enumerate(layers)}
+
+
+_BLOCK = 256
+
+
+def _route_stream(
+    ordered: Sequence[RoutePayload], layers: Sequence[int], num_tokens: int
+) -> np.ndarray:
+    """``[tokens, layers]`` array whose elements are whole ``[topk]`` rows (a void view), the
+    samples' tokens concatenated; no copy for one sample whose layers are all wanted."""
+    ref = ordered[0]
+    element = np.dtype((np.void, ref.topk * ref.routes.itemsize))
+    columns = [_columns(payload, layers) for payload in ordered]
+    if len(ordered) == 1 and columns[0] == slice(0, len(ref.layers)):
+        routes = np.ascontiguousarray(ref.routes)
+        return routes.view(element).reshape(routes.shape[:2])
+    stream = np.empty((num_tokens, len(layers), ref.topk), dtype=ref.routes.dtype)
+    offset = 0
+    for payload, column in zip(ordered, columns):
+        block = stream[offset : offset + payload.num_tokens]
+        if isinstance(column, slice):
+            np.copyto(block, payload.routes[:, column])
+        else:
+            np.take(payload.routes, column, axis=1, out=block)
+        offset += payload.num_tokens
+    return stream.view(element).reshape(num_tokens, len(layers))
 
 
 def _columns(payload: RoutePayload, layers: Sequence[int]) -> slice | list[int]:
@@ -593,8 +627,6 @@ def stage_layer_numbers(
         n //= vp
         n -= int(emb and p == 0 and v == 0)
         n -= int(loss and p == pp_size - 1 and v == vp - 1)
-        if n < 0:
-            raise ValueError(f"pipeline stage {p}, chunk {v}: not enough layers")
         return n
 
     offset = sum(count(p, v) for v in range(stage) for p in range(pp_size))
