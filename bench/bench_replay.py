@@ -152,7 +152,6 @@ def bench_router(name: str, shape, seq: int, batch: int, warmup: int, reps: int)
     from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
     from megatron_pr2.replay.session import ReplaySession
-    from megatron_pr2.replay.state import RouteAction
 
     models = build_variants(
         shape, dict(vocab_size=shape.vocab_size, max_sequence_length=shape.max_sequence_length)
@@ -185,9 +184,12 @@ def bench_router(name: str, shape, seq: int, batch: int, warmup: int, reps: int)
         run(routers["native"])
         RouterReplay.clear_global_indices()
 
+    # Validated once per rollout batch (as a trainer does), then replayed every pass.
+    prepared = {v: sessions[v].prepare(routes) for v in ("ours", "ours_nometrics")}
+
     def ours_step(variant: str) -> Callable[[], None]:
         def step() -> None:
-            with sessions[variant].replaying(routes):
+            with sessions[variant].replaying(prepared[variant]):
                 run(routers[variant])
 
         return step
@@ -221,16 +223,17 @@ def bench_router(name: str, shape, seq: int, batch: int, warmup: int, reps: int)
     state = sessions["ours"].state(1)
     scores = torch.randn(seq * batch, shape.num_moe_experts)
 
-    def validate() -> None:  # what replaying() does on entry: one plan per router
-        state.set_action(RouteAction.REPLAY, list(routes[1]))
-        state.reset()
+    raw_routes = {layer: list(routes[layer]) for layer in routes}  # plain tensors: validated
+
+    def validate() -> None:  # once per rollout batch: session.prepare(routes)
+        sessions["ours"].prepare(raw_routes)
 
     def metrics_topk() -> None:  # what collect_metrics adds per router forward
         live = torch.topk(scores, shape.moe_router_topk, dim=1)[1]
         state._count(routes[1][0], live, None)
 
     parts = measure({"validate": validate, "metrics": metrics_topk}, warmup, reps)
-    rows.append(Row(name, "part: route validation (replaying() entry)", parts["validate"]))
+    rows.append(Row(name, "part: route validation (once per rollout batch)", parts["validate"]))
     rows.append(Row(name, "part: live top-k + metrics accumulate", parts["metrics"]))
     state.take_counters()
     return rows
@@ -243,7 +246,6 @@ def bench_gpt(
 
     from megatron_pr2.models.gpt import LMBatch, lm_forward_backward
     from megatron_pr2.replay.session import ReplaySession
-    from megatron_pr2.replay.state import RouteAction
 
     models = build_variants(
         shape, dict(vocab_size=shape.vocab_size, max_sequence_length=shape.max_sequence_length)
@@ -286,9 +288,12 @@ def bench_gpt(
 
     last_metrics: dict[str, dict[str, float]] = {}
 
+    # Validated once per rollout batch (as a trainer does), then replayed every pass.
+    prepared = {v: sessions[v].prepare(routes) for v in ("ours", "ours_nometrics")}
+
     def ours_step(variant: str, with_metrics: bool) -> Callable[[], list[float]]:
         def step() -> list[float]:
-            with sessions[variant].replaying(routes):
+            with sessions[variant].replaying(prepared[variant]):
                 out = lm_forward_backward(models[variant], batches)
             if with_metrics:
                 last_metrics[variant] = sessions[variant].metrics()
@@ -313,13 +318,13 @@ def bench_gpt(
     times = measure(steps, warmup, reps)
     rows = [Row(name, v, times[v]) for v in VARIANTS]
 
-    def validate() -> None:
-        for layer in layers:
-            sessions["ours"].state(layer).set_action(RouteAction.REPLAY, list(routes[layer]))
-        sessions["ours"].reset()
+    raw_routes = {layer: list(routes[layer]) for layer in routes}  # plain tensors: validated
+
+    def validate() -> None:  # once per rollout batch: session.prepare(routes)
+        sessions["ours"].prepare(raw_routes)
 
     parts = measure({"validate": validate}, warmup, reps)
-    rows.append(Row(name, "part: route validation (replaying() entry)", parts["validate"]))
+    rows.append(Row(name, "part: route validation (once per rollout batch)", parts["validate"]))
     return rows
 
 

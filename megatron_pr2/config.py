@@ -90,17 +90,24 @@ class RouterReplayConfig:
         mode: see :class:`ReplayMode`.
         collect_metrics: compare each replayed route with the live router's top-k (one extra
             top-k per router forward, no host sync) for agreement / zero-deviation metrics.
+        metrics_token_stride: measure those metrics on every n-th token only (a fixed,
+            unbiased sample) to cut their cost by ~n; 1 = every token.
         allow_token_dropping: capacity-factor token dropping runs after replay and may drop
             replayed (token, expert) pairs; refused unless this is set.
     """
 
     mode: ReplayMode = ReplayMode.NONE
     collect_metrics: bool = True
+    metrics_token_stride: int = 1
     allow_token_dropping: bool = False
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
 
     def __post_init__(self) -> None:
         self.mode = ReplayMode.parse(self.mode)
+        if self.metrics_token_stride < 1:
+            raise ValueError(
+                f"router_replay.metrics_token_stride must be >= 1, got {self.metrics_token_stride}"
+            )
         if isinstance(self.predictor, dict):
             self.predictor = PredictorConfig(**self.predictor)
 

@@ -132,7 +132,9 @@ class LMBatch:
 def lm_forward_step(batches: Iterator[LMBatch], model: GPTModel) -> tuple[torch.Tensor, Callable]:
     batch = next(batches)
     seq = batch.tokens.shape[1]
-    position_ids = torch.arange(seq).unsqueeze(0).expand_as(batch.tokens)
+    position_ids = (
+        torch.arange(seq, device=batch.tokens.device).unsqueeze(0).expand_as(batch.tokens)
+    )
     output = model(batch.tokens, position_ids, attention_mask=None, labels=batch.labels)
 
     def loss_func(per_token_loss: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -62,6 +62,7 @@ class ReplayTopKRouter(TopKRouter):
             num_experts=config.num_moe_experts,
             topk=config.moe_router_topk,
             collect_metrics=self.replay_config.collect_metrics,
+            metrics_token_stride=self.replay_config.metrics_token_stride,
         )
         self.evolution_predictor: EvolutionPredictor | None = None
         if self.replay_config.uses_predictor:

@@ -166,13 +166,12 @@ class ReplaySession:
         """
         if isinstance(routes, PreparedRoutes):
             return routes
-        return PreparedRoutes(
-            {
-                layer: [self.state(layer).prepare(r, mb) for mb, r in enumerate(routes[layer])]
-                for layer in self.layers
-                if layer in routes
-            }
-        )
+        plans = {}
+        for layer in self.layers:
+            if layer in routes:
+                state, device = self.state(layer), self._routers[layer].weight.device
+                plans[layer] = [state.prepare(r, mb, device) for mb, r in enumerate(routes[layer])]
+        return PreparedRoutes(plans)
 
     def reset(self) -> None:
         """Back to live routing and drop every route held (also after an exception)."""

@@ -50,10 +50,17 @@ def in_backward_recompute() -> bool:
 class RouterReplayState:
     """Replay state of one ``TopKRouter`` (one MoE layer)."""
 
-    def __init__(self, num_experts: int, topk: int, collect_metrics: bool = True) -> None:
+    def __init__(
+        self,
+        num_experts: int,
+        topk: int,
+        collect_metrics: bool = True,
+        metrics_token_stride: int = 1,
+    ) -> None:
         self.num_experts = num_experts
         self.topk = topk
         self.collect_metrics = collect_metrics
+        self.metrics_token_stride = metrics_token_stride
         self.layer_number: int | None = None  # megatron sets it (0.19 through set_layer_number)
         self.action = RouteAction.LIVE
         self._plan: list[PlannedRoute | None] = []
@@ -222,16 +229,17 @@ class RouterReplayState:
                 f"routes for layer {self.layer_number}, microbatch {microbatch}: the router sees "
                 f"{num_tokens} tokens, the routes have {planned.indices.shape[0]} rows"
             )
-        indices = planned.indices.to(scores.device, non_blocking=True)
+        indices = planned.indices  # on the router's device since prepare()
         fallback_rows = planned.fallback_rows
-        live = None
-        if fallback_rows is not None or self.collect_metrics:
+        if fallback_rows is not None:  # the live top-k fills the fallback rows
             live = live_topk(scores.detach())[1]
-        if fallback_rows is not None:
-            fallback_rows = fallback_rows.to(scores.device, non_blocking=True)
             indices = torch.where(fallback_rows[:, None], live, indices)
-        if self.collect_metrics:
-            self._count(indices, live, fallback_rows)
+            if self.collect_metrics:
+                self._count(indices, live, fallback_rows)
+        elif self.collect_metrics:
+            stride = self.metrics_token_stride
+            sample = slice(None, None, stride) if stride > 1 else slice(None)
+            self._count(indices[sample], live_topk(scores.detach()[sample])[1], None)
         return indices
 
     def _count(
@@ -239,12 +247,16 @@ class RouterReplayState:
     ) -> None:
         if self.counters is None:
             self.counters = replay_metrics.new_counters(used.device)
-        replay_metrics.accumulate(self.counters, used, live, self.num_experts, fallback_rows)
+        replay_metrics.accumulate(self.counters, used, live, fallback_rows)
 
     def prepare(
-        self, routes: torch.Tensor | PlannedRoute | None, microbatch: int
+        self,
+        routes: torch.Tensor | PlannedRoute | None,
+        microbatch: int,
+        device: torch.device | str | None = None,
     ) -> PlannedRoute | None:
-        """Validate one microbatch's routes once; a ``PlannedRoute`` passes through."""
+        """Validate one microbatch's routes once and move them to ``device`` once; a
+        ``PlannedRoute`` passes through."""
         if routes is None or isinstance(routes, PlannedRoute):
             return routes
         indices = validate_routes(
@@ -255,7 +267,11 @@ class RouterReplayState:
             microbatch=microbatch,
         )
         fallback_rows = indices[:, 0] == FALLBACK  # validated: a -1 row is all -1
-        return PlannedRoute(indices, fallback_rows if bool(fallback_rows.any()) else None)
+        has_fallback = bool(fallback_rows.any())
+        if device is not None:
+            indices = indices.to(device, non_blocking=True)
+            fallback_rows = fallback_rows.to(device, non_blocking=True)
+        return PlannedRoute(indices, fallback_rows if has_fallback else None)
 
 
 class PlannedRoute(NamedTuple):

@@ -75,8 +75,11 @@ def _check(rank: int, world: int, layouts: list[tuple[Layout, str]], checkpoint:
         assert sorted(grads) == sorted(reference), layout.name
         for layer in reference:
             torch.testing.assert_close(
-                grads[layer], reference[layer], rtol=1e-5, atol=1e-7,
-                msg=lambda m, layer=layer: f"{layout.name}/{recompute} layer {layer}: {m}",
+                grads[layer],
+                reference[layer],
+                rtol=1e-5,
+                atol=1e-7,
+                msg=lambda m, label=f"{layout.name}/{recompute} layer {layer}": f"{label}: {m}",
             )
 
 
@@ -85,7 +88,12 @@ def test_predictor_gradients_match_across_tp_sp_pp_and_recompute(tmp_path):
     run_dist(
         _check,
         2,
-        [(Layout(tp=2), "off"), (Layout(pp=2), "off"), (Layout(pp=2), "full"), (Layout(ep=2), "off")],
+        [
+            (Layout(tp=2), "off"),
+            (Layout(pp=2), "off"),
+            (Layout(pp=2), "full"),
+            (Layout(ep=2), "off"),
+        ],
         str(tmp_path / "reference"),
     )
 

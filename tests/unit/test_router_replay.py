@@ -227,3 +227,26 @@ def test_z_loss_sees_the_same_logits_under_replay(world1):
     live, replayed = run(False), run(True)
     assert live.abs().sum() > 0
     torch.testing.assert_close(replayed, live)
+
+
+def test_metrics_token_stride_samples_every_nth_token(world1):
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from megatron_pr2.patch import ReplayTopKRouter
+    from megatron_pr2.replay import metrics
+
+    shape = TinyMoEShape(hidden_size=H, num_moe_experts=E, moe_router_topk=K, num_layers=1)
+    router = ReplayTopKRouter(
+        moe_transformer_config(shape),
+        pg_collection=get_default_pg_collection(),
+        replay_config=RouterReplayConfig(mode="r3", metrics_token_stride=4),
+    )
+    router.set_layer_number(1)
+    hidden = torch.randn(S, B, H)
+    with torch.no_grad():
+        routes = off_live_routes(hidden.view(T, H) @ router.weight.t())
+    router.router_replay.set_action(RouteAction.REPLAY, [routes])
+    router(hidden)
+    counters = router.router_replay.take_counters()
+    assert int(counters[metrics.TOKENS]) == T // 4  # rows 0, 4, 8
+    assert int(counters[metrics.DEV0]) == 0  # lowest-logit routes never match the live top-k
