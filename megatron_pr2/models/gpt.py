@@ -73,6 +73,11 @@ def moe_transformer_config(
         moe_permute_fusion=False,
         moe_router_fusion=False,
         apply_rope_fusion=False,
+        # On gloo (CPU), batched isend/irecv between the same two ranks (PP2: the next and the
+        # previous stage are one peer) can pair forward and backward messages wrongly: the
+        # interleaved schedule then trains on swapped activations. Observed as wrong losses for
+        # later microbatches under PP2 x VP2; separate sends/receives are exact.
+        batch_p2p_comm=torch.cuda.is_available(),
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)

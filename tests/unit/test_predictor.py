@@ -207,3 +207,44 @@ def test_predictor_learns_a_fixed_router_drift_and_beats_r2(world1):
     assert pr2_accuracy[0] < 0.9, f"drift too small to be a test: {pr2_accuracy[0]:.3f}"
     assert min(pr2_accuracy[-3:]) >= 0.95, pr2_accuracy
     assert sum(pr2_zero_dev[-4:]) > sum(r2_zero_dev[-4:]), (pr2_zero_dev, r2_zero_dev)
+
+
+def test_cache_finds_the_same_tokens_under_a_different_micro_batching(world1):
+    """Record with microbatches {0,1},{2,3}; train with {3,0},{1,2}. Keyed by (sample,
+    position), the predictor loss sees the same tokens: the same predictor gradient. Keyed by
+    (microbatch, row) it would not (negative control)."""
+    from megatron_pr2.models.gpt import LMBatch
+    from megatron_pr2.routes.layout import MicrobatchLayout, RankCoords, rank_token_keys
+
+    samples = h.make_batches(2)  # 2 microbatches x 2 samples
+    tokens = torch.cat([b.tokens for b in samples])
+    labels = torch.cat([b.labels for b in samples])
+
+    def batches_and_keys(groups):
+        batches, keys = [], []
+        for group in groups:
+            batches.append(LMBatch(tokens[group], labels[group], torch.ones(len(group), h.SEQ)))
+            layout = MicrobatchLayout.bshd(group, [h.SEQ] * len(group), h.SEQ)
+            keys.append(rank_token_keys(layout, RankCoords()))
+        return batches, keys
+
+    record_batches, record_keys = batches_and_keys([[0, 1], [2, 3]])
+
+    def predictor_grads(groups, use_keys: bool):
+        chunks, session = build("pr2")
+        with torch.no_grad():
+            for p in predictor_parameters(chunks):
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+        with torch.no_grad(), session.recording(record_keys if use_keys else None):
+            lm_forward_backward(chunks, record_batches, forward_only=True)
+        train_batches, train_keys = batches_and_keys(groups)
+        live = {layer: [None] * len(groups) for layer in session.layers}  # live routing
+        with session.replaying(live, train_keys if use_keys else None, predictor_loss=True):
+            lm_forward_backward(chunks, train_batches)
+        return split_grads(chunks)[1]
+
+    same = predictor_grads([[0, 1], [2, 3]], use_keys=True)
+    shuffled = predictor_grads([[3, 0], [1, 2]], use_keys=True)
+    assert h.max_grad_diff(same, shuffled) <= 1e-6
+    by_position = predictor_grads([[3, 0], [1, 2]], use_keys=False)
+    assert h.max_grad_diff(same, by_position) > 1e-4
