@@ -57,7 +57,7 @@ VARIANTS = ("none", "native", "ours", "ours_nometrics")
 LABELS = {
     "none": "none (plain megatron)",
     "native": "native RouterReplay",
-    "ours": "ours (collect_metrics=True)",
+    "ours": "ours (defaults: metrics on, every 16th token)",
     "ours_nometrics": "ours (collect_metrics=False)",
 }
 TARGET_VS_NATIVE = 1.02

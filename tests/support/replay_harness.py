@@ -82,7 +82,7 @@ def build(variant: str, recompute: str = "off", seed: int = 5, **config_override
     if variant == "native":
         overrides["moe_enable_routing_replay"] = True
     config = moe_transformer_config(SHAPE, **overrides)
-    replay = RouterReplayConfig(mode="r3") if variant == "ours" else None
+    replay = RouterReplayConfig(mode="r3", metrics_token_stride=1) if variant == "ours" else None
     chunks = build_model_chunks(config, SHAPE.vocab_size, SEQ, replay_config=replay)
     return Built(chunks, ReplaySession(chunks) if variant == "ours" else None)
 

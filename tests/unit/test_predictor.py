@@ -20,7 +20,9 @@ def build(mode: str, recompute: str = "off", seed: int = 5, shape=h.SHAPE, **pre
     predictor.setdefault("cache_keep_fraction", 1.0)  # tiny batches: cache every token
     torch.manual_seed(seed)
     config = moe_transformer_config(shape, **h.RECOMPUTE[recompute])
-    replay = RouterReplayConfig(mode=mode, predictor=PredictorConfig(**predictor))
+    replay = RouterReplayConfig(
+        mode=mode, predictor=PredictorConfig(**predictor), metrics_token_stride=1
+    )
     chunks = build_model_chunks(config, h.SHAPE.vocab_size, h.SEQ, replay_config=replay)
     return chunks, ReplaySession(chunks)
 

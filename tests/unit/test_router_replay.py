@@ -40,7 +40,9 @@ def make_router(collect_metrics=True, **overrides):
     router = ReplayTopKRouter(
         config,
         pg_collection=get_default_pg_collection(),
-        replay_config=RouterReplayConfig(mode="r3", collect_metrics=collect_metrics),
+        replay_config=RouterReplayConfig(
+            mode="r3", collect_metrics=collect_metrics, metrics_token_stride=1
+        ),
     )
     router.set_layer_number(1)
     if router.expert_bias is not None:  # make the bias matter for live selection

@@ -1,0 +1,301 @@
+"""A rollout engine for RL tests: a bf16 copy of the policy that samples completions and reports
+the routes it used (R3), optionally with the PR2 predictor applied (``pr2_r3``).
+
+Why a separate bf16 copy: in a real run the rollout engine (vLLM, SGLang) holds its own weights in
+bf16 and runs different kernels from the fp32-master Megatron trainer, so the behaviour policy μ
+and the trainer's π_old differ even with identical weights (pr2-algorithm §1.1, the first factor
+of the importance ratio). Building the engine with ``params_dtype=bfloat16`` on the same megatron
+layout reproduces that gap in miniature, including routes that flip near expert ties.
+
+World 1 only for now: the engine calls ``GPTModel`` directly (no pipeline schedule, no TP/SP
+token split, no context parallelism), which is all a single-process test needs. A multi-rank
+engine would run the forward through ``get_forward_backward_func(forward_only=True)`` and gather
+the routes of every rank with ``routes.layout.assemble``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from megatron.core.transformer import TransformerConfig
+
+from megatron_pr2.config import PredictorConfig, RouterReplayConfig
+from megatron_pr2.models.gpt import build_model_chunks
+from megatron_pr2.models.training import PREDICTOR_KEY_FRAGMENT, export_state_dict
+from megatron_pr2.replay.session import ReplaySession
+from megatron_pr2.routes.layout import MicrobatchLayout, RankCoords, rank_token_keys
+
+EngineMode = Literal["r3", "pr2_r3"]
+
+__all__ = ["EngineMode", "Rollout", "RolloutEngine", "bf16_engine_config", "rollout_layouts"]
+
+
+def bf16_engine_config(config: TransformerConfig) -> TransformerConfig:
+    """The trainer's config with bf16 parameters and activations (the engine's numerics)."""
+    return dataclasses.replace(
+        config, params_dtype=torch.bfloat16, bf16=True, pipeline_dtype=torch.bfloat16
+    )
+
+
+def rollout_layouts(
+    lengths: Sequence[int], seq_length: int, micro_batch_size: int
+) -> list[MicrobatchLayout]:
+    """BSHD layouts of consecutive micro-batches of a right-padded ``[batch, seq_length]`` batch;
+    sample ids are batch rows, so trainer and engine derive the same token keys."""
+    if micro_batch_size < 1 or len(lengths) % micro_batch_size:
+        raise ValueError(
+            f"{len(lengths)} samples do not split into micro-batches of {micro_batch_size}"
+        )
+    return [
+        MicrobatchLayout.bshd(
+            range(start, start + micro_batch_size),
+            [int(n) for n in lengths[start : start + micro_batch_size]],
+            seq_length=seq_length,
+        )
+        for start in range(0, len(lengths), micro_batch_size)
+    ]
+
+
+@dataclass
+class Rollout:
+    """Sampled sequences of one rollout batch, right-padded to a common length.
+
+    Per-token tensors are ``[batch, seq]`` and aligned with ``tokens``: entry ``t`` belongs to
+    token ``t`` (its log-prob is of token ``t`` given tokens ``< t``; entry 0 is always 0).
+
+    Attributes:
+        tokens: prompt + response ids, ``pad_id`` after each sample's end.
+        lengths: real tokens per sample (prompt + response, eos included).
+        prompt_lengths: prompt tokens per sample.
+        response_mask: 1.0 on generated tokens (eos included), else 0.
+        generation_logprobs: μ's log-prob of each generated token at sampling time (0 elsewhere).
+        routes: ``{layer: [[micro_batch_size * seq, topk] per micro-batch]}`` in the router's
+            ``[s, b]`` token order, or ``None`` when not requested.
+        micro_batch_size: the micro-batching ``routes`` were recorded with.
+    """
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    prompt_lengths: torch.Tensor
+    response_mask: torch.Tensor
+    generation_logprobs: torch.Tensor
+    routes: dict[int, list[torch.Tensor]] | None
+    micro_batch_size: int
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def seq_length(self) -> int:
+        return int(self.tokens.shape[1])
+
+    def responses(self) -> list[list[int]]:
+        """Each sample's generated ids (eos included when sampled)."""
+        return [
+            self.tokens[i, int(p) : int(n)].tolist()
+            for i, (p, n) in enumerate(zip(self.prompt_lengths, self.lengths))
+        ]
+
+
+class RolloutEngine:
+    """bf16 policy copy: ``refresh`` from the trainer, ``generate`` rollouts with their routes.
+
+    ``mode``: ``r3`` records the routes its live routers choose; ``pr2_r3`` builds the routers in
+    pr2 mode and samples *and* records under ``logits + predicted offset`` (the predictor comes
+    from the trainer through ``refresh(..., include_predictor=True)``).
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        vocab_size: int,
+        max_sequence_length: int,
+        *,
+        pad_id: int,
+        eos_id: int,
+        mode: EngineMode = "r3",
+        predictor: PredictorConfig | None = None,
+    ) -> None:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise NotImplementedError("RolloutEngine runs in world 1 only (see module docstring)")
+        if mode not in ("r3", "pr2_r3"):
+            raise ValueError(f"engine mode must be r3 or pr2_r3, got {mode!r}")
+        self.mode: EngineMode = mode
+        self.applies_predictor = mode == "pr2_r3"
+        replay = RouterReplayConfig(
+            mode="pr2" if self.applies_predictor else "r3",
+            collect_metrics=False,  # the engine never replays
+            predictor=predictor or PredictorConfig(),
+        )
+        self.chunks = build_model_chunks(config, vocab_size, max_sequence_length, replay)
+        self.model = self.chunks[0]
+        self.model.eval()
+        _to_bf16_except_predictor(self.model)
+        self.session = ReplaySession(self.chunks)
+        self.vocab_size = vocab_size
+        self.max_sequence_length = max_sequence_length
+        self.pad_id, self.eos_id = pad_id, eos_id
+        self._coords = RankCoords()
+
+    # ------------------------------------------------------------------ weights
+    @torch.no_grad()
+    def refresh(self, trainer_modules: Sequence[torch.nn.Module], include_predictor: bool) -> int:
+        """Copy the trainer's weights in, cast to the engine's dtype (a refit after each rollout
+        batch's updates). Returns the number of tensors copied.
+
+        ``include_predictor``: also copy the PR2 predictor; only valid when the engine applies
+        it (``pr2_r3``). Any other key or shape mismatch is an error, so a stale tensor can never
+        survive a refit unnoticed.
+        """
+        if include_predictor and not self.applies_predictor:
+            raise ValueError("include_predictor=True but this engine does not apply a predictor")
+        modules = [getattr(m, "module", m) for m in trainer_modules]  # unwrap megatron DDP
+        source = export_state_dict(modules, include_predictor=include_predictor)
+        target = {
+            name: t
+            for name, t in self.model.state_dict(keep_vars=True).items()
+            if torch.is_tensor(t)
+        }
+        skipped = {k for k in target if PREDICTOR_KEY_FRAGMENT in k and not include_predictor}
+        missing = sorted(set(target) - set(source) - skipped)
+        extra = sorted(set(source) - set(target))
+        if missing or extra:
+            raise ValueError(f"refresh: engine-only keys {missing}, trainer-only keys {extra}")
+        for name, tensor in source.items():
+            dst = target[name]
+            if dst.shape != tensor.shape:
+                raise ValueError(
+                    f"refresh: {name} has shape {tuple(tensor.shape)} in the trainer, "
+                    f"{tuple(dst.shape)} in the engine"
+                )
+            dst.data.copy_(tensor.detach().to(device=dst.device, dtype=dst.dtype))
+        return len(source)
+
+    # ------------------------------------------------------------------ sampling
+    def _logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """fp32 logits ``[b, s, vocab]`` of the bf16 model (causal: right padding is inert)."""
+        seq = tokens.shape[1]
+        position_ids = torch.arange(seq, device=tokens.device).unsqueeze(0).expand_as(tokens)
+        logits = self.model(tokens, position_ids, attention_mask=None)
+        return logits[..., : self.vocab_size].float()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        micro_batch_size: int | None = None,
+        return_routes: bool = True,
+    ) -> Rollout:
+        """Sample up to ``max_new_tokens`` per prompt (stopping at eos) and record the routes.
+
+        No KV cache: every step re-runs the full forward on the growing right-padded batch.
+        ``generation_logprobs`` are of the *unmodified* distribution (vLLM's ``raw_logprobs``),
+        so they compare with the trainer's log-probs; with ``temperature != 1`` or
+        ``top_p < 1`` the sampling distribution differs from them. ``micro_batch_size`` (default:
+        the whole batch) is the trainer's micro-batching that ``routes`` must match.
+        """
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs at least one prompt, none of them empty")
+        if temperature <= 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        batch = len(prompts)
+        prompt_lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
+        total = int(prompt_lengths.max()) + max_new_tokens
+        if total > self.max_sequence_length:
+            raise ValueError(
+                f"longest prompt + max_new_tokens = {total} > max_sequence_length "
+                f"{self.max_sequence_length}"
+            )
+        tokens = torch.full((batch, total), self.pad_id, dtype=torch.int64)
+        for i, prompt in enumerate(prompts):
+            tokens[i, : len(prompt)] = torch.as_tensor(list(prompt), dtype=torch.int64)
+        lengths = prompt_lengths.clone()
+        logprobs = torch.zeros(batch, total, dtype=torch.float32)
+        done = torch.zeros(batch, dtype=torch.bool)
+        rows = torch.arange(batch)
+        for _ in range(max_new_tokens):
+            if bool(done.all()):
+                break
+            width = int(lengths.max())
+            with self._predicted_routes():
+                logits = self._logits(tokens[:, :width])
+            last = logits[rows, lengths - 1]  # each row's next-token logits
+            sampled = _sample(last, temperature, top_p, generator)
+            raw = torch.log_softmax(last, dim=-1).gather(1, sampled[:, None]).squeeze(1)
+            active = ~done
+            tokens[rows[active], lengths[active]] = sampled[active]
+            logprobs[rows[active], lengths[active]] = raw[active]
+            lengths = torch.where(active, lengths + 1, lengths)
+            done |= active & (sampled == self.eos_id)
+        seq = int(lengths.max())
+        tokens, logprobs = tokens[:, :seq].contiguous(), logprobs[:, :seq].contiguous()
+        positions = torch.arange(seq).unsqueeze(0)
+        response_mask = (
+            (positions >= prompt_lengths[:, None]) & (positions < lengths[:, None])
+        ).float()
+        mbs = micro_batch_size or batch
+        routes = self.record_routes(tokens, lengths, mbs) if return_routes else None
+        return Rollout(tokens, lengths, prompt_lengths, response_mask, logprobs, routes, mbs)
+
+    def _predicted_routes(self):
+        """pr2_r3: sample under ``logits + predicted offset`` (the router's RECORD action applies
+        the predictor; the recorded routes of these steps are dropped on exit)."""
+        if not self.applies_predictor:
+            return contextlib.nullcontext()
+        return self.session.recording()
+
+    @torch.no_grad()
+    def record_routes(
+        self, tokens: torch.Tensor, lengths: torch.Tensor, micro_batch_size: int
+    ) -> dict[int, list[torch.Tensor]]:
+        """The engine's routes for the final sequences, one forward per micro-batch.
+
+        One forward over the finished sequences gives the same routes as the sampling steps:
+        attention is causal, so position ``t`` only sees tokens ``<= t``, which did not change
+        after ``t`` was generated, and the weights are fixed during generation. (Bit-equality
+        across different sequence widths is up to the kernels; CPU matmuls here are row-wise
+        deterministic, and a real engine reports the routes of its own passes instead.)
+        Padding rows get the routes the engine happens to give them; they carry no loss.
+        """
+        layouts = rollout_layouts(lengths.tolist(), tokens.shape[1], micro_batch_size)
+        keys = [rank_token_keys(layout, self._coords) for layout in layouts]
+        with self.session.recording(keys) as record:
+            for start in range(0, tokens.shape[0], micro_batch_size):
+                self._logits(tokens[start : start + micro_batch_size])
+        return {layer: list(record.routes[layer]) for layer in record.routes}
+
+
+def _to_bf16_except_predictor(model: torch.nn.Module) -> None:
+    """What megatron's ``Float16Module`` does to a bf16 model (norms built in fp32 included),
+    except the PR2 predictor, which is fp32 by design."""
+    for name, param in model.named_parameters():
+        if PREDICTOR_KEY_FRAGMENT not in name and param.is_floating_point():
+            param.data = param.data.to(torch.bfloat16)
+    for module in model.modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if buf.is_floating_point():
+                setattr(module, name, buf.to(torch.bfloat16))
+
+
+def _sample(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Temperature + nucleus sampling of one token per row of ``[b, vocab]`` fp32 logits."""
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly above each token
+        sorted_probs = torch.where(before < top_p, sorted_probs, torch.zeros_like(sorted_probs))
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)

@@ -1,0 +1,341 @@
+"""A policy worker with NeMo-RL's Megatron worker shape: ``get_logprobs`` (the old-log-prob
+pass) and ``train`` (κ mini-steps over one rollout batch), with routing replay wired in.
+
+Per rollout batch (pr2-algorithm §2.6)::
+
+    batch.prev_logprobs = worker.get_logprobs(batch, routes)   # r2/pr2: record; r3: replay
+    metrics = worker.train(batch, loss_fn, num_mini_steps=κ)    # replay mini-batch i's routes
+
+Everything runs through megatron's own schedule (``get_forward_backward_func``), DDP and
+optimizer. Loss denominators are the mini-batch's (one optimizer step per mini-batch); with data
+parallelism they would have to be all-reduced over DP first (not done: tests run world 1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from megatron_pr2.config import ReplayMode, RouterReplayConfig
+from megatron_pr2.models.gpt import lm_forward_backward
+from megatron_pr2.models.training import TrainingSetup, setup_training
+from megatron_pr2.predictor.optim import predictor_frozen_unless
+from megatron_pr2.replay.session import PreparedRoutes, ReplaySession, Routes
+from megatron_pr2.rl.engine import Rollout, rollout_layouts
+from megatron_pr2.rl.loss import METRIC_REDUCTIONS, ClippedPGLossFn
+from megatron_pr2.routes.layout import RankCoords, rank_token_keys
+
+__all__ = ["PolicyWorker", "RLBatch"]
+
+
+@dataclass
+class RLBatch:
+    """One rollout batch for the trainer; per-token tensors ``[batch, seq]`` aligned with
+    ``tokens`` (entry ``t`` is about token ``t``).
+
+    Attributes:
+        tokens: right-padded prompt + response ids.
+        lengths: real tokens per sample (the rest is padding).
+        token_mask: 1.0 on tokens that carry loss (the response).
+        advantages: ``[batch]`` or ``[batch, seq]``.
+        generation_logprobs: μ, the rollout engine's log-probs (optional).
+        prev_logprobs: π_old, set from :meth:`PolicyWorker.get_logprobs` before ``train``.
+        pad_id: label used after the last token (never counted).
+    """
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    token_mask: torch.Tensor
+    advantages: torch.Tensor
+    generation_logprobs: torch.Tensor | None = None
+    prev_logprobs: torch.Tensor | None = None
+    pad_id: int = 0
+
+    @classmethod
+    def from_rollout(cls, rollout: Rollout, advantages: torch.Tensor, pad_id: int = 0) -> RLBatch:
+        return cls(
+            tokens=rollout.tokens,
+            lengths=rollout.lengths,
+            token_mask=rollout.response_mask,
+            advantages=advantages,
+            generation_logprobs=rollout.generation_logprobs,
+            pad_id=pad_id,
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def rows(self, start: int, stop: int) -> RLBatch:
+        """Samples ``start:stop`` (views)."""
+
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[start:stop]
+
+        return RLBatch(
+            self.tokens[start:stop],
+            self.lengths[start:stop],
+            self.token_mask[start:stop],
+            self.advantages[start:stop],
+            cut(self.generation_logprobs),
+            cut(self.prev_logprobs),
+            self.pad_id,
+        )
+
+
+@dataclass
+class _Microbatch:
+    """Model input of one micro-batch (``tokens``: what ``lm_forward_backward`` sizes by)."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor  # labels[:, t] = tokens[:, t + 1]: the loss at t is token t + 1's
+    data: RLBatch
+
+
+def _microbatches(batch: RLBatch, micro_batch_size: int) -> list[_Microbatch]:
+    out = []
+    for start in range(0, batch.batch_size, micro_batch_size):
+        part = batch.rows(start, start + micro_batch_size)
+        labels = torch.full_like(part.tokens, batch.pad_id)
+        labels[:, :-1] = part.tokens[:, 1:]
+        out.append(_Microbatch(part.tokens.contiguous(), labels, part))
+    return out
+
+
+def _token_logprobs(per_token_loss: torch.Tensor) -> torch.Tensor:
+    """GPTModel's per-token CE ``[b, s]`` (of token t + 1 at t) -> token-aligned log-probs."""
+    zeros = torch.zeros_like(per_token_loss[:, :1])
+    return torch.cat([zeros, -per_token_loss[:, :-1]], dim=1)
+
+
+def _model_forward(mb: _Microbatch, model: torch.nn.Module) -> torch.Tensor:
+    seq = mb.tokens.shape[1]
+    position_ids = torch.arange(seq, device=mb.tokens.device).unsqueeze(0).expand_as(mb.tokens)
+    return model(mb.tokens, position_ids, attention_mask=None, labels=mb.labels)
+
+
+def _logprob_step(batches: Iterator[_Microbatch], model: torch.nn.Module):
+    """Forward step of the old-log-prob pass: the loss dict carries the log-probs out."""
+    mb = next(batches)
+    output = _model_forward(mb, model)
+
+    def loss_func(per_token_loss: torch.Tensor):
+        logprobs = _token_logprobs(per_token_loss.float()).detach()
+        return per_token_loss.sum() * 0.0, {"logprobs": logprobs}
+
+    return output, loss_func
+
+
+def _pg_step(
+    loss_fn: ClippedPGLossFn, num_microbatches: int, valid_tokens: float, valid_seqs: float
+) -> Callable:
+    """Forward step of an update pass: ``loss_fn`` on the current per-token log-probs."""
+
+    def step(batches: Iterator[_Microbatch], model: torch.nn.Module):
+        mb = next(batches)
+        output = _model_forward(mb, model)
+
+        def loss_func(per_token_loss: torch.Tensor):
+            d = mb.data
+            data = {
+                "prev_logprobs": d.prev_logprobs,
+                "advantages": d.advantages,
+                "token_mask": d.token_mask,
+            }
+            if d.generation_logprobs is not None:
+                data["generation_logprobs"] = d.generation_logprobs
+            loss, metrics = loss_fn(
+                _token_logprobs(per_token_loss.float()), data, valid_tokens, valid_seqs
+            )
+            # The loss is this micro-batch's share of the mini-batch loss (global denominators);
+            # megatron divides a 2-tuple loss by the micro-batch count, which we undo.
+            return loss * num_microbatches, metrics
+
+        return output, loss_func
+
+    return step
+
+
+def _reduce_metrics(per_microbatch: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name in per_microbatch[0]:
+        values = torch.stack([m[name].detach().double().reshape(()) for m in per_microbatch])
+        how = METRIC_REDUCTIONS.get(name, "mean")
+        if how == "sum":
+            out[name] = float(values.sum())
+        elif how == "min":
+            out[name] = float(values.min())
+        elif how == "max":
+            out[name] = float(values.max())
+        else:
+            out[name] = float(values.mean())
+    return out
+
+
+class PolicyWorker:
+    """Trainer side of one RL run: megatron DDP + optimizer over ``chunks``, replay by mode.
+
+    ``r2`` / ``pr2``: ``get_logprobs`` records the routes (pr2: predicted, with the predictor's
+    feature cache keyed by ``sample << 32 | position``) and ``train`` replays them. ``r3``:
+    ``get_logprobs`` and ``train`` replay the engine's routes. ``none``: live routing.
+    """
+
+    def __init__(
+        self,
+        chunks: Sequence[torch.nn.Module],
+        replay: RouterReplayConfig,
+        lr: float,
+        micro_batch_size: int = 1,
+        weight_decay: float = 0.0,
+        clip_grad: float = 0.0,
+    ) -> None:
+        self.replay = replay
+        self.micro_batch_size = micro_batch_size
+        self.setup: TrainingSetup = setup_training(
+            chunks,
+            lr=lr,
+            predictor_lr_mult=replay.predictor.lr_mult,
+            weight_decay=weight_decay,
+            clip_grad=clip_grad,
+        )
+        self.session = ReplaySession(self.setup.modules) if replay.enabled else None
+        config = self.setup.modules[0].config
+        self._coords = RankCoords.from_megatron(bool(config.sequence_parallel))
+        self._routes: PreparedRoutes | None = None
+        self._routes_tokens: torch.Tensor | None = None
+        self.logprob_metrics: dict[str, float] = {}
+
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        """Unwrapped model chunks (what ``RolloutEngine.refresh`` reads)."""
+        return self.setup.modules
+
+    def _token_keys(self, batch: RLBatch) -> list[torch.Tensor]:
+        """Predictor keys per micro-batch in router order; sample id = batch row, so any
+        micro-batching of the same batch finds the same cached tokens."""
+        layouts = rollout_layouts(
+            batch.lengths.tolist(), int(batch.tokens.shape[1]), self.micro_batch_size
+        )
+        return [rank_token_keys(layout, self._coords) for layout in layouts]
+
+    # ------------------------------------------------------------------ old log-probs
+    @torch.no_grad()
+    def get_logprobs(self, batch: RLBatch, routes: Routes | None = None) -> torch.Tensor:
+        """π_old: token-aligned ``[batch, seq]`` log-probs, forward only.
+
+        ``r2`` / ``pr2`` record this pass's routes and keep them for ``train`` of this batch;
+        ``r3`` needs ``routes`` (the engine's, in this worker's micro-batching) and replays them.
+        Replay metrics of the pass (r3: engine vs trainer routes) land in ``logprob_metrics``.
+        """
+        mode = self.replay.mode
+        microbatches = _microbatches(batch, self.micro_batch_size)
+        self._routes, self._routes_tokens = None, None
+        if mode is ReplayMode.R3 and routes is None:
+            raise ValueError("router_replay.mode r3: get_logprobs needs the engine's routes")
+        if mode in (ReplayMode.R2, ReplayMode.PR2) and routes is not None:
+            raise ValueError(f"router_replay.mode {mode.value} records its own routes")
+        if self.session is None:
+            outputs = self._forward_only(microbatches)
+        elif mode is ReplayMode.R3:
+            prepared = self.session.prepare(routes)
+            with self.session.replaying(prepared):
+                outputs = self._forward_only(microbatches)
+            self._routes = prepared
+        else:
+            with self.session.recording(self._token_keys(batch)) as record:
+                outputs = self._forward_only(microbatches)
+            self._routes = record.routes
+        if self._routes is not None:
+            self._routes_tokens = batch.tokens
+        self.logprob_metrics = (
+            {f"logprobs/{k}": v for k, v in self.session.metrics().items()}
+            if self.session is not None
+            else {}
+        )
+        return torch.cat([out["logprobs"] for out in outputs], dim=0)
+
+    def _forward_only(self, microbatches: list[_Microbatch]) -> list[dict]:
+        return lm_forward_backward(
+            self.setup.chunks, microbatches, forward_only=True, forward_step_func=_logprob_step
+        )
+
+    # ------------------------------------------------------------------ updates
+    def train(
+        self, batch: RLBatch, loss_fn: ClippedPGLossFn, num_mini_steps: int
+    ) -> list[dict[str, float]]:
+        """κ = ``num_mini_steps`` optimizer steps, one per equal contiguous mini-batch.
+
+        Mini-step i replays its mini-batch's routes; pr2 adds the predictor loss and unfreezes
+        the predictor group from i >= 1 (step 0 is near on-policy: nothing to predict yet).
+        Returns per mini-step the reduced loss metrics plus the session's replay/pr2 metrics,
+        all prefixed ``train/``.
+        """
+        if batch.prev_logprobs is None:
+            raise ValueError("batch.prev_logprobs is unset: call get_logprobs first")
+        size = batch.batch_size
+        if num_mini_steps < 1 or size % num_mini_steps:
+            raise ValueError(f"{size} samples do not split into {num_mini_steps} mini-batches")
+        mini = size // num_mini_steps
+        if mini % self.micro_batch_size:
+            raise ValueError(
+                f"mini-batch of {mini} samples does not split into micro-batches of "
+                f"{self.micro_batch_size}"
+            )
+        routes = self._routes_for(batch)
+        keys = self._token_keys(batch)
+        per_mini = mini // self.micro_batch_size
+        results = []
+        for i in range(num_mini_steps):
+            part = batch.rows(i * mini, (i + 1) * mini)
+            mb_range = slice(i * per_mini, (i + 1) * per_mini)
+            predictor_on = self.replay.uses_predictor and i >= 1
+            if routes is None:
+                metrics = self._train_step(part, loss_fn, predictor_active=False)
+            else:
+                part_routes = PreparedRoutes(
+                    {layer: plans[mb_range] for layer, plans in routes.plans.items()}
+                )
+                assert self.session is not None
+                with self.session.replaying(part_routes, keys[mb_range], predictor_on):
+                    metrics = self._train_step(part, loss_fn, predictor_active=predictor_on)
+            if self.session is not None:
+                metrics.update(self.session.metrics())
+            metrics["mini_step"] = float(i)
+            results.append({f"train/{k}": v for k, v in metrics.items()})
+        return results
+
+    def _routes_for(self, batch: RLBatch) -> PreparedRoutes | None:
+        if self.session is None:
+            return None
+        same = self._routes_tokens is not None and (
+            self._routes_tokens is batch.tokens or torch.equal(self._routes_tokens, batch.tokens)
+        )
+        if self._routes is None or not same:
+            raise ValueError("no routes for this batch: call get_logprobs(batch) first")
+        return self._routes
+
+    def _train_step(
+        self, part: RLBatch, loss_fn: ClippedPGLossFn, predictor_active: bool
+    ) -> dict[str, float]:
+        """``models.training.train_step`` with the PG forward step (it only takes LM batches)."""
+        microbatches = _microbatches(part, self.micro_batch_size)
+        valid_tokens = float(part.token_mask.sum())
+        valid_seqs = float(part.batch_size)
+        setup = self.setup
+        for chunk in setup.chunks:
+            chunk.zero_grad_buffer()
+        setup.optimizer.zero_grad()
+        outputs = lm_forward_backward(
+            setup.chunks,
+            microbatches,
+            forward_step_func=_pg_step(loss_fn, len(microbatches), valid_tokens, valid_seqs),
+        )
+        with predictor_frozen_unless(setup.optimizer, predictor_active):
+            _, grad_norm, _ = setup.optimizer.step()
+        metrics = _reduce_metrics(outputs)
+        if grad_norm is not None and math.isfinite(float(grad_norm)):
+            metrics["grad_norm"] = float(grad_norm)
+        return metrics
