@@ -4,7 +4,7 @@ optimizer step over microbatches, and dist-checkpoint save/resume of model and o
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-from megatron_pr2.models.gpt import LMBatch, lm_forward_backward
+from megatron_pr2.models.gpt import lm_forward_backward, lm_forward_step
 from megatron_pr2.predictor.module import PREDICTOR_ATTR
 from megatron_pr2.predictor.optim import (
     apply_group_lrs,
@@ -76,20 +76,24 @@ def setup_training(
 
 
 def train_step(
-    setup: TrainingSetup, batches: Sequence[LMBatch], predictor_active: bool = False
-) -> list[dict[str, torch.Tensor]]:
+    setup: TrainingSetup,
+    batches: Sequence[Any],
+    predictor_active: bool = False,
+    forward_step_func: Callable = lm_forward_step,
+) -> tuple[list[dict[str, torch.Tensor]], float | None]:
     """Zero grads, one forward/backward pass over ``batches``, one optimizer step.
 
     ``predictor_active``: this step carries the predictor loss; otherwise the predictor group
-    is frozen for the step. Replay (``session.replaying``) is set up by the caller.
+    is frozen for the step. Replay (``session.replaying``) is set up by the caller. Returns the
+    per-microbatch loss dicts (last pipeline stage) and the gradient norm.
     """
     for chunk in setup.chunks:
         chunk.zero_grad_buffer()
     setup.optimizer.zero_grad()
-    losses = lm_forward_backward(setup.chunks, batches)
+    losses = lm_forward_backward(setup.chunks, batches, forward_step_func=forward_step_func)
     with predictor_frozen_unless(setup.optimizer, predictor_active):
-        setup.optimizer.step()
-    return losses
+        _, grad_norm, _ = setup.optimizer.step()
+    return losses, (None if grad_norm is None else float(grad_norm))
 
 
 # ------------------------------------------------------------------ checkpoints

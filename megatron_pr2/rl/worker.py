@@ -21,8 +21,7 @@ import torch
 
 from megatron_pr2.config import ReplayMode, RouterReplayConfig
 from megatron_pr2.models.gpt import lm_forward_backward
-from megatron_pr2.models.training import TrainingSetup, setup_training
-from megatron_pr2.predictor.optim import predictor_frozen_unless
+from megatron_pr2.models.training import TrainingSetup, setup_training, train_step
 from megatron_pr2.replay.session import PreparedRoutes, ReplaySession, Routes
 from megatron_pr2.rl.engine import Rollout, rollout_layouts
 from megatron_pr2.rl.loss import METRIC_REDUCTIONS, ClippedPGLossFn
@@ -320,21 +319,16 @@ class PolicyWorker:
     def _train_step(
         self, part: RLBatch, loss_fn: ClippedPGLossFn, predictor_active: bool
     ) -> dict[str, float]:
-        """``models.training.train_step`` with the PG forward step (it only takes LM batches)."""
+        """One optimizer step on ``part`` with the policy-gradient forward step."""
         microbatches = _microbatches(part, self.micro_batch_size)
         valid_tokens = float(part.token_mask.sum())
         valid_seqs = float(part.batch_size)
-        setup = self.setup
-        for chunk in setup.chunks:
-            chunk.zero_grad_buffer()
-        setup.optimizer.zero_grad()
-        outputs = lm_forward_backward(
-            setup.chunks,
+        outputs, grad_norm = train_step(
+            self.setup,
             microbatches,
+            predictor_active=predictor_active,
             forward_step_func=_pg_step(loss_fn, len(microbatches), valid_tokens, valid_seqs),
         )
-        with predictor_frozen_unless(setup.optimizer, predictor_active):
-            _, grad_norm, _ = setup.optimizer.step()
         metrics = _reduce_metrics(outputs)
         if grad_norm is not None and math.isfinite(float(grad_norm)):
             metrics["grad_norm"] = float(grad_norm)

@@ -32,7 +32,7 @@ def run_rollouts(setup, session, batches, rollouts):
             lm_forward_backward(setup.chunks, batches, forward_only=True)
         for step in range(KAPPA):
             with session.replaying(record.routes, predictor_loss=step >= 1):
-                out = train_step(setup, batches, predictor_active=step >= 1)
+                out, _ = train_step(setup, batches, predictor_active=step >= 1)
             losses.append(torch.stack([d["lm_loss"] for d in out]))
             weights.append(predictor_weights(session))
     return losses, weights
