@@ -21,12 +21,18 @@ def megatron_world1():
 def world1(megatron_world1):
     """Per-test reset of RNG and megatron's global MoE trackers."""
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+    from megatron.core.transformer.moe.moe_utils import (
+        MoEAuxLossAutoScaler,
+        clear_aux_losses_tracker,
+    )
     from megatron.core.transformer.moe.router_replay import RouterReplay
 
     model_parallel_cuda_manual_seed(1234)
     torch.manual_seed(1234)
     clear_aux_losses_tracker()
+    # A backward outside megatron's schedule leaves a 0-d scale that the schedule's later
+    # set_loss_scale(shape [1]) cannot copy into: reset the class-level tensor per test.
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
     RouterReplay.clear_global_router_replay_instances()
     yield
     RouterReplay.clear_global_router_replay_instances()

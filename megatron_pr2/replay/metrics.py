@@ -25,6 +25,7 @@ def accumulate(
     replayed: torch.Tensor,
     live: torch.Tensor,
     fallback_rows: torch.Tensor | None,
+    padding_rows: torch.Tensor | None = None,
 ) -> None:
     """Add one router call to ``counters`` (device ops only: no host sync).
 
@@ -32,16 +33,19 @@ def accumulate(
         replayed: ``[T, k]`` expert ids actually used (fallback rows already filled live).
         live: ``[T, k]`` the live router's top-k for the same tokens.
         fallback_rows: ``[T]`` bool, rows that used the live router; excluded from agreement.
+        padding_rows: ``[T]`` bool, padding tokens (negative token keys); excluded entirely.
     """
     topk = replayed.shape[1]
     # |replayed ∩ live| per token from the k x k id pairs (cheaper than a [T, E] map).
     overlap = (replayed.unsqueeze(2) == live.unsqueeze(1)).any(dim=2).sum(dim=1)
     deviation = (topk - overlap).clamp_(max=3)
+    real = None if padding_rows is None else ~padding_rows
     if fallback_rows is None:
-        weight = torch.ones_like(overlap)
+        weight = torch.ones_like(overlap) if real is None else real.to(overlap.dtype)
     else:
-        weight = (~fallback_rows).to(overlap.dtype)
-        counters[FALLBACK_TOKENS] += fallback_rows.sum()
+        counted_fallback = fallback_rows if real is None else fallback_rows & real
+        weight = (~fallback_rows if real is None else ~fallback_rows & real).to(overlap.dtype)
+        counters[FALLBACK_TOKENS] += counted_fallback.sum()
     counters[TOKENS] += weight.sum()
     counters[OVERLAP] += (overlap * weight).sum()
     counters[DEV0 : DEV_GE3 + 1].scatter_add_(0, deviation, weight)

@@ -231,23 +231,39 @@ class RouterReplayState:
             )
         indices = planned.indices  # on the router's device since prepare()
         fallback_rows = planned.fallback_rows
+        padding_rows = self._padding_rows(microbatch, indices.device)
         if fallback_rows is not None:  # the live top-k fills the fallback rows
             live = live_topk(scores.detach())[1]
             indices = torch.where(fallback_rows[:, None], live, indices)
             if self.collect_metrics:
-                self._count(indices, live, fallback_rows)
+                self._count(indices, live, fallback_rows, padding_rows)
         elif self.collect_metrics:
             stride = self.metrics_token_stride
             sample = slice(None, None, stride) if stride > 1 else slice(None)
-            self._count(indices[sample], live_topk(scores.detach()[sample])[1], None)
+            self._count(
+                indices[sample],
+                live_topk(scores.detach()[sample])[1],
+                None,
+                None if padding_rows is None else padding_rows[sample],
+            )
         return indices
 
+    def _padding_rows(self, microbatch: int, device: torch.device) -> torch.Tensor | None:
+        """Rows with negative token keys (padding, see ``routes.layout``), when keys are given."""
+        if microbatch < len(self._token_keys) and self._token_keys[microbatch] is not None:
+            return self._token_keys[microbatch].to(device, non_blocking=True) < 0
+        return None
+
     def _count(
-        self, used: torch.Tensor, live: torch.Tensor, fallback_rows: torch.Tensor | None
+        self,
+        used: torch.Tensor,
+        live: torch.Tensor,
+        fallback_rows: torch.Tensor | None,
+        padding_rows: torch.Tensor | None = None,
     ) -> None:
         if self.counters is None:
             self.counters = replay_metrics.new_counters(used.device)
-        replay_metrics.accumulate(self.counters, used, live, fallback_rows)
+        replay_metrics.accumulate(self.counters, used, live, fallback_rows, padding_rows)
 
     def prepare(
         self,

@@ -252,3 +252,22 @@ def test_metrics_token_stride_samples_every_nth_token(world1):
     counters = router.router_replay.take_counters()
     assert int(counters[metrics.TOKENS]) == T // 4  # rows 0, 4, 8
     assert int(counters[metrics.DEV0]) == 0  # lowest-logit routes never match the live top-k
+
+
+def test_padding_rows_are_excluded_from_replay_metrics(world1):
+    """Padding tokens carry negative token keys (routes.layout); they are replayed like any row
+    but never counted in agreement, deviation or fallback metrics."""
+    from megatron_pr2.replay import metrics
+
+    router = make_router()
+    hidden = torch.randn(S, B, H)
+    with torch.no_grad():
+        routes = off_live_routes(hidden.view(T, H) @ router.weight.t())
+    routes[1] = -1  # a fallback row that is also padding: not counted either
+    keys = torch.arange(T, dtype=torch.int64)
+    keys[[1, 2, 3]] = -torch.tensor([2, 3, 4])
+    router.router_replay.set_action(RouteAction.REPLAY, [routes], token_keys=[keys])
+    router(hidden)
+    counters = router.router_replay.take_counters()
+    assert int(counters[metrics.TOKENS]) == T - 3
+    assert int(counters[metrics.FALLBACK_TOKENS]) == 0
