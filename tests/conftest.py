@@ -36,3 +36,13 @@ def world1(megatron_world1):
     RouterReplay.clear_global_router_replay_instances()
     yield
     RouterReplay.clear_global_router_replay_instances()
+
+
+@pytest.fixture
+def run_dist():
+    """``run_dist(fn, world_size, *args)``: run ``fn(rank, world_size, *args)`` on that many
+    gloo processes (CPU shim installed in each); the test fails with every failing rank's
+    traceback. Run layout matrices inside one call to amortise the spawn."""
+    from tests.support.dist import run_dist as launch
+
+    return launch

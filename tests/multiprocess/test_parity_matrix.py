@@ -24,7 +24,7 @@ from megatron_pr2.replay.session import ReplaySession
 from megatron_pr2.routes.payload import RouteSpec
 from tests.support import engine_routes as er
 from tests.support import replay_harness as h
-from tests.support.dist import Layout, init_layout, run_dist
+from tests.support.dist import Layout, init_layout
 
 MODES = ("r2", "r3", "pr2")
 RECOMPUTES = ("off", "full")
@@ -166,10 +166,10 @@ WORLD4 = [
 
 
 @pytest.mark.slow
-def test_parity_world2_ep_tp_sp_pp_vpp(tmp_path):
+def test_parity_world2_ep_tp_sp_pp_vpp(run_dist, tmp_path):
     run_dist(_matrix, 2, WORLD2, str(tmp_path / "ref"))
 
 
 @pytest.mark.slow
-def test_parity_world4_tp2ep2_pp2ep2(tmp_path):
+def test_parity_world4_tp2ep2_pp2ep2(run_dist, tmp_path):
     run_dist(_matrix, 4, WORLD4, str(tmp_path / "ref"))

@@ -17,7 +17,7 @@ from megatron_pr2.models.training import (
 )
 from megatron_pr2.predictor.optim import predictor_groups
 from tests.support import replay_harness as h
-from tests.support.dist import Layout, init_layout, run_dist
+from tests.support.dist import Layout, init_layout
 from tests.unit.test_predictor import build
 
 REFERENCE = Layout()  # world 2 -> DP2 on identical data, which averages to the world-1 gradient
@@ -84,7 +84,7 @@ def _check(rank: int, world: int, layouts: list[tuple[Layout, str]], checkpoint:
 
 
 @pytest.mark.slow
-def test_predictor_gradients_match_across_tp_sp_pp_and_recompute(tmp_path):
+def test_predictor_gradients_match_across_tp_sp_pp_and_recompute(run_dist, tmp_path):
     run_dist(
         _check,
         2,
@@ -133,5 +133,5 @@ def _reshard(rank: int, world: int, directory: str) -> None:
 
 
 @pytest.mark.slow
-def test_predictor_weights_and_group_survive_pp2_save_tp2_load(tmp_path):
+def test_predictor_weights_and_group_survive_pp2_save_tp2_load(run_dist, tmp_path):
     run_dist(_reshard, 2, str(tmp_path / "ckpt"))

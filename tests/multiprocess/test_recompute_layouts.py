@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from tests.support import replay_harness as h
-from tests.support.dist import Layout, init_layout, run_dist
+from tests.support.dist import Layout, init_layout
 
 TOLERANCE = 1e-6
 
@@ -35,20 +35,20 @@ def _native_fails(rank: int, world: int) -> None:
 
 
 @pytest.mark.slow
-def test_pp2_and_pp2_vp2_recompute_parity_world2():
+def test_pp2_and_pp2_vp2_recompute_parity_world2(run_dist):
     run_dist(_check_layouts, 2, [Layout(pp=2), Layout(pp=2, vp=2)], "full")
 
 
 @pytest.mark.slow
-def test_pp2_selective_moe_recompute_parity_world2():
+def test_pp2_selective_moe_recompute_parity_world2(run_dist):
     run_dist(_check_layouts, 2, [Layout(pp=2)], "selective_moe")
 
 
 @pytest.mark.slow
-def test_pp2_ep2_recompute_parity_world4():
+def test_pp2_ep2_recompute_parity_world4(run_dist):
     run_dist(_check_layouts, 4, [Layout(pp=2, ep=2)], "full")
 
 
 @pytest.mark.slow
-def test_native_replay_gives_wrong_recompute_grads_under_1f1b():
+def test_native_replay_gives_wrong_recompute_grads_under_1f1b(run_dist):
     run_dist(_native_fails, 2)
