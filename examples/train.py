@@ -1,0 +1,41 @@
+"""Run a world-1 GRPO loop from a YAML config with ``key=value`` overrides::
+
+    python examples/train.py examples/tiny/grpo_tiny.yaml policy.router_replay.mode=pr2
+
+On a machine without CUDA it uses the project's test-only CPU shim (``tests/support``), which
+lets real megatron-core run on gloo; the package itself never imports it (see ``pr2 train``).
+"""
+
+import argparse
+import os
+import sys
+import warnings
+
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="YAML config (NeMo-RL key layout)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", category=UserWarning)
+    sys.path.insert(0, REPO_ROOT)
+    if torch.cuda.is_available():
+        from megatron_pr2.cli import init_world1_cuda
+
+        init_world1_cuda()
+    else:
+        from tests.support.dist import init_single_process  # installs the CPU shim first
+
+        init_single_process()
+    from megatron_pr2.rl.config import load_config
+    from megatron_pr2.rl.trainer import train
+
+    train(load_config(args.config, args.overrides))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""GRPO run configuration in NeMo-RL's key layout, loaded from YAML plus dotted overrides.
+
+Keys follow NeMo-RL (``grpo.*``, ``policy.*``, ``loss_fn.*``, ``logger.*``) so a recipe reads the
+same in both projects; the model shape sits flat under ``policy`` because there is no Hugging Face
+checkpoint to read it from. Unknown keys are errors: a typo must never fall back to a default.
+
+Overrides are ``a.b.c=value`` with ``value`` parsed by ``yaml.safe_load`` (``x=3``, ``x=true``,
+``x=null``, ``x=[1,2]``), like Hydra's basic override grammar.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megatron_pr2.config import PredictorConfig, RouterReplayConfig
+from megatron_pr2.rl.loss import ClippedPGLossConfig
+from megatron_pr2.rl.task import TaskConfig
+
+__all__ = [
+    "TRAINER_MODES",
+    "GRPOConfig",
+    "GenerationConfig",
+    "LoggerConfig",
+    "MasterConfig",
+    "PolicyConfig",
+    "RouterReplaySection",
+    "apply_overrides",
+    "config_from_dict",
+    "load_config",
+]
+
+TRAINER_MODES = ("none", "r2", "r3", "pr2", "pr2_r3")
+
+
+@dataclass
+class GRPOConfig:
+    """``grpo.*``.
+
+    Attributes:
+        off_policy_steps: κ, optimizer mini-steps per rollout batch (the batch is split into κ
+            equal contiguous mini-batches; mini-step i > 0 is off-policy by i updates).
+        sft_warmup_steps / sft_batch_size / sft_lr: supervised warm start on the task's answers
+            before RL, so a tiny random model is right sometimes and GRPO groups carry signal.
+            (Not NeMo-RL keys: NeMo-RL starts from a pretrained checkpoint instead.)
+        normalize_rewards / use_leave_one_out_baseline: NeMo-RL's advantage switches.
+    """
+
+    num_prompts_per_step: int = 4
+    num_generations_per_prompt: int = 4
+    max_num_steps: int = 4
+    seed: int = 42
+    off_policy_steps: int = 2
+    sft_warmup_steps: int = 40
+    sft_batch_size: int = 16
+    sft_lr: float = 3e-3
+    normalize_rewards: bool = True
+    use_leave_one_out_baseline: bool = False
+
+
+@dataclass
+class RouterReplaySection:
+    """``policy.router_replay.*``.
+
+    ``mode`` adds ``pr2_r3`` to :class:`megatron_pr2.config.ReplayMode`: the rollout engine
+    samples under ``logits + predicted offset`` and the trainer replays the engine's routes (R3).
+    The policy worker has no mode that both replays external routes and trains the predictor,
+    so in ``pr2_r3`` the trainer runs as ``r3`` and the engine's predictor stays at its zero
+    init: predictor training for ``pr2_r3`` is missing, and the run behaves as ``r3``.
+    """
+
+    mode: str = "r2"
+    collect_metrics: bool = True
+    metrics_token_stride: int = 1  # exact metrics: tiny runs measure every token
+    allow_token_dropping: bool = False
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
+
+    def __post_init__(self) -> None:
+        self.mode = str(self.mode).strip().lower()
+        if self.mode in ("disabled", "off", "false"):
+            self.mode = "none"
+        if self.mode not in TRAINER_MODES:
+            raise ValueError(
+                f"policy.router_replay.mode: unknown mode {self.mode!r}; "
+                f"choose one of {', '.join(TRAINER_MODES)}"
+            )
+
+    @property
+    def worker_mode(self) -> str:
+        """The policy worker's replay mode (``pr2_r3`` trains as ``r3``, see class doc)."""
+        return "r3" if self.mode == "pr2_r3" else self.mode
+
+    @property
+    def engine_mode(self) -> str:
+        return "pr2_r3" if self.mode == "pr2_r3" else "r3"
+
+    @property
+    def uses_engine_routes(self) -> bool:
+        return self.mode in ("r3", "pr2_r3")
+
+    def worker_config(self) -> RouterReplayConfig:
+        return RouterReplayConfig(
+            mode=self.worker_mode,
+            collect_metrics=self.collect_metrics,
+            metrics_token_stride=self.metrics_token_stride,
+            allow_token_dropping=self.allow_token_dropping,
+            predictor=self.predictor,
+        )
+
+
+@dataclass
+class PolicyConfig:
+    """``policy.*``: optimizer, micro-batching, replay and the MoE model shape."""
+
+    lr: float = 1e-3
+    micro_batch_size: int = 2
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_total_sequence_length: int | None = None  # default: longest prompt + max_new_tokens
+    num_layers: int = 2
+    hidden_size: int = 32
+    ffn_hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_moe_experts: int = 8
+    moe_router_topk: int = 2
+    router_replay: RouterReplaySection = field(default_factory=RouterReplaySection)
+
+
+@dataclass
+class GenerationConfig:
+    """``generation.*`` (NeMo-RL: ``policy.generation``; top level here, as in the brief)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int | None = None  # default: the task's longest answer + 1
+
+
+@dataclass
+class LoggerConfig:
+    """``logger.*``: ``metrics.jsonl`` is written under ``log_dir``."""
+
+    log_dir: str = "logs/grpo"
+
+
+@dataclass
+class MasterConfig:
+    """The whole run; ``loss_fn`` stays a mapping and is checked by ``ClippedPGLossConfig``."""
+
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    loss_fn: dict[str, Any] = field(default_factory=dict)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+    def __post_init__(self) -> None:
+        self.loss_config()  # unknown / unsupported loss_fn keys fail at load time
+        g = self.grpo
+        batch = g.num_prompts_per_step * g.num_generations_per_prompt
+        if batch < 1 or g.num_generations_per_prompt < 1:
+            raise ValueError(
+                "grpo.num_prompts_per_step and num_generations_per_prompt must be >= 1"
+            )
+        if g.off_policy_steps < 1 or batch % g.off_policy_steps:
+            raise ValueError(
+                f"grpo.off_policy_steps={g.off_policy_steps} must divide the rollout batch "
+                f"({batch} samples)"
+            )
+        mbs = self.policy.micro_batch_size
+        if mbs < 1 or (batch // g.off_policy_steps) % mbs:
+            raise ValueError(
+                f"policy.micro_batch_size={mbs} must divide the mini-batch "
+                f"({batch // g.off_policy_steps} samples)"
+            )
+        if g.sft_warmup_steps > 0 and g.sft_batch_size % mbs:
+            raise ValueError(f"grpo.sft_batch_size must be a multiple of micro_batch_size={mbs}")
+
+    def loss_config(self) -> ClippedPGLossConfig:
+        return ClippedPGLossConfig.from_dict(self.loss_fn)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (enums as values), for logging the resolved config."""
+
+        def plain(value: Any) -> Any:
+            if dataclasses.is_dataclass(value):
+                return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items()}
+            return getattr(value, "value", value)
+
+        return plain(self)
+
+
+# ---------------------------------------------------------------------- loading
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """YAML 1.1 reads ``1e-3`` as a string; accept numbers spelled that way for float fields."""
+    args = typing.get_args(hint)
+    if value is None:
+        return value
+    if hint is float or (float in args and type(None) in args):
+        if isinstance(value, bool):
+            raise ValueError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}: expected a number, got {value!r}") from None
+    if (hint is int or (int in args and type(None) in args)) and isinstance(value, float):
+        if value.is_integer():
+            return int(value)
+        raise ValueError(f"{key}: expected an integer, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ValueError(f"unknown config key '{prefix}{key}'")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value or {}, f"{prefix}{key}.")
+        elif key == "loss_fn" and cls is MasterConfig:
+            kwargs[key] = dict(value or {})
+        else:
+            kwargs[key] = _coerce(value, hint, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def config_from_dict(values: Mapping[str, Any]) -> MasterConfig:
+    """Typed config from a nested mapping; unknown keys raise ``ValueError`` naming the key."""
+    return _build(MasterConfig, values or {}, "")
+
+
+def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides in place (values via ``yaml.safe_load``)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ValueError(f"override {item!r} is not of the form a.b.c=value")
+        parts = key.split(".")
+        node = values
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a mapping")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return values
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> MasterConfig:
+    """YAML file (or defaults when ``path`` is None) plus overrides -> :class:`MasterConfig`."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"{path}: top level must be a mapping")
+        values = loaded or {}
+    return config_from_dict(apply_overrides(values, overrides))

@@ -1,0 +1,256 @@
+"""A world-1 GRPO loop on real megatron-core: bf16 rollout engine, fp32 policy worker, replay.
+
+Per step (NeMo-RL's order, pr2-algorithm §2.6)::
+
+    engine.refresh(policy)                    # refit: trainer weights -> bf16 engine
+    rollout = engine.generate(P x G prompts)  # μ log-probs (+ routes for r3 / pr2_r3)
+    advantages = grpo_advantages(rewards)
+    prev_logprobs = worker.get_logprobs(...)  # π_old; r2/pr2 record, r3 replays engine routes
+    worker.train(batch, κ mini-steps)         # replayed updates
+
+World 1 only: the engine calls the model directly and the worker's loss denominators are not
+reduced over data parallelism, so multi-process runs are out of scope here. megatron's parallel
+state must already be initialised (``examples/train.py`` on CPU, ``pr2 train`` on CUDA).
+All tensors live on the host; a CUDA run needs device placement that engine and worker lack.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from megatron_pr2.models.gpt import (
+    LMBatch,
+    TinyMoEShape,
+    build_model_chunks,
+    lm_forward_step,
+    moe_transformer_config,
+)
+from megatron_pr2.models.training import train_step
+from megatron_pr2.rl.advantages import grpo_advantages
+from megatron_pr2.rl.config import MasterConfig
+from megatron_pr2.rl.engine import RolloutEngine, bf16_engine_config
+from megatron_pr2.rl.loss import ClippedPGLossFn
+from megatron_pr2.rl.task import SyntheticTask
+from megatron_pr2.rl.worker import PolicyWorker, RLBatch
+
+__all__ = ["ZERO_DEVIATION", "supervised_warm_start", "train"]
+
+ZERO_DEVIATION = "train/router_replay/zero_deviation_ratio"
+
+
+def _shape(config: MasterConfig, task: SyntheticTask) -> tuple[TinyMoEShape, int]:
+    """Model shape and ``max_new_tokens``; the context fits the longest prompt + generation."""
+    max_new = config.generation.max_new_tokens or task.max_answer_len + 1
+    needed = task.max_prompt_len + max(max_new, task.max_answer_len)
+    max_seq = config.policy.max_total_sequence_length or needed
+    if max_seq < needed:
+        raise ValueError(
+            f"policy.max_total_sequence_length={max_seq} < longest prompt + generation ({needed})"
+        )
+    p = config.policy
+    shape = TinyMoEShape(
+        num_layers=p.num_layers,
+        hidden_size=p.hidden_size,
+        ffn_hidden_size=p.ffn_hidden_size,
+        num_attention_heads=p.num_attention_heads,
+        num_moe_experts=p.num_moe_experts,
+        moe_router_topk=p.moe_router_topk,
+        vocab_size=task.tokenizer.vocab_size,
+        max_sequence_length=max_seq,
+    )
+    return shape, max_new
+
+
+def _set_lr(worker: PolicyWorker, lr: float, base: float) -> None:
+    """Scale every optimizer group (predictor's lr_mult kept) from ``base`` to ``lr``."""
+    for group in worker.setup.optimizer.param_groups:
+        group["lr"] = group["lr"] * lr / base
+
+
+def supervised_warm_start(
+    worker: PolicyWorker, task: SyntheticTask, config: MasterConfig, rng: random.Random
+) -> list[float]:
+    """Plain LM loss on prompt + answer, masked to the answer, through megatron's schedule.
+
+    Why: GRPO on a random tiny model sees all-zero reward groups (no signal); a short warm start
+    makes the policy right sometimes. Routers route live (no replay session is active) and the
+    PR2 predictor group is frozen. Returns the loss per step.
+    """
+    g, mbs = config.grpo, config.policy.micro_batch_size
+    losses = []
+    _set_lr(worker, g.sft_lr, config.policy.lr)
+    try:
+        for _ in range(g.sft_warmup_steps):
+            batch = task.collate(task.supervised_examples(g.sft_batch_size, rng))
+            ids, mask = batch["input_ids"], batch["loss_mask"]
+            labels = torch.full_like(ids, task.tokenizer.pad_id)
+            labels[:, :-1] = ids[:, 1:]
+            loss_mask = torch.zeros_like(mask)
+            loss_mask[:, :-1] = mask[:, 1:]  # the loss at t is about token t + 1
+            micro = [
+                LMBatch(ids[s : s + mbs], labels[s : s + mbs], loss_mask[s : s + mbs])
+                for s in range(0, ids.shape[0], mbs)
+            ]
+            outputs, _ = train_step(worker.setup, micro, forward_step_func=lm_forward_step)
+            losses.append(float(torch.stack([o["lm_loss"] for o in outputs]).mean()))
+    finally:
+        _set_lr(worker, config.policy.lr, g.sft_lr)
+    return losses
+
+
+def _step_metrics(steps: list[dict[str, float]]) -> dict[str, float]:
+    """Every worker metric per mini-step as ``name/mini_step_{i}``, plus the plain name as the
+    mean over mini-steps (what NeMo-RL logs for a step)."""
+    out: dict[str, float] = {}
+    names = sorted({k for s in steps for k in s if k != "train/mini_step"})
+    for name in names:
+        values = [s[name] for s in steps if name in s]
+        for i, s in enumerate(steps):
+            if name in s:
+                out[f"{name}/mini_step_{i}"] = s[name]
+        out[name] = sum(values) / len(values)
+    return out
+
+
+def train(config: MasterConfig) -> list[dict[str, Any]]:
+    """Run ``grpo.max_num_steps`` GRPO steps; returns the metrics of each step (also written to
+    ``{logger.log_dir}/metrics.jsonl``, one JSON object per line)."""
+    if not parallel_state.model_parallel_is_initialized():
+        raise RuntimeError("megatron is not initialised: use examples/train.py or `pr2 train`")
+    if torch.distributed.get_world_size() != 1:
+        raise NotImplementedError("the GRPO trainer runs in world 1 only (see module docstring)")
+    g, p, gen = config.grpo, config.policy, config.generation
+    replay = p.router_replay
+    torch.manual_seed(g.seed)
+    model_parallel_cuda_manual_seed(g.seed)
+    rng = random.Random(g.seed)
+    sampler = torch.Generator().manual_seed(g.seed)
+
+    task = SyntheticTask(config.task)
+    tok = task.tokenizer
+    shape, max_new = _shape(config, task)
+    model_config = moe_transformer_config(shape)
+    worker_replay = replay.worker_config()
+    chunks = build_model_chunks(
+        model_config, shape.vocab_size, shape.max_sequence_length, worker_replay
+    )
+    worker = PolicyWorker(
+        chunks,
+        worker_replay,
+        lr=p.lr,
+        micro_batch_size=p.micro_batch_size,
+        weight_decay=p.weight_decay,
+        clip_grad=p.max_grad_norm,
+    )
+    engine = RolloutEngine(
+        bf16_engine_config(model_config),
+        shape.vocab_size,
+        shape.max_sequence_length,
+        pad_id=tok.pad_id,
+        eos_id=tok.eos_id,
+        mode=replay.engine_mode,  # type: ignore[arg-type]
+        predictor=replay.predictor,
+    )
+    loss_fn = ClippedPGLossFn(config.loss_config())
+
+    log_dir = Path(config.logger.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    (log_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    metrics_path = log_dir / "metrics.jsonl"
+
+    t0 = time.perf_counter()
+    sft_losses = supervised_warm_start(worker, task, config, rng)
+    sft_time = time.perf_counter() - t0
+    if sft_losses:
+        print(
+            f"sft: {len(sft_losses)} steps, loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f} "
+            f"({sft_time:.1f}s)",
+            flush=True,
+        )
+
+    history: list[dict[str, Any]] = []
+    with metrics_path.open("w") as log:
+        for step in range(g.max_num_steps):
+            timing: dict[str, float] = {}
+            start = time.perf_counter()
+            # The worker never holds a predictor the engine applies (pr2: trainer-side only;
+            # pr2_r3: the worker runs r3), so the predictor is never part of the refit.
+            engine.refresh(worker.modules, include_predictor=False)
+            timing["prepare_for_generation"] = time.perf_counter() - start
+
+            t = time.perf_counter()
+            prompts = task.make_prompts(g.num_prompts_per_step, rng)
+            rollout = engine.generate(
+                [q.tokens for q in prompts for _ in range(g.num_generations_per_prompt)],
+                max_new,
+                temperature=gen.temperature,
+                top_p=gen.top_p,
+                generator=sampler,
+                micro_batch_size=p.micro_batch_size,
+                return_routes=replay.uses_engine_routes,
+            )
+            timing["generation"] = time.perf_counter() - t
+
+            t = time.perf_counter()
+            responses = rollout.responses()
+            rewards = torch.tensor(
+                [
+                    task.reward(prompts[i // g.num_generations_per_prompt], r)
+                    for i, r in enumerate(responses)
+                ],
+                dtype=torch.float32,
+            )
+            advantages = grpo_advantages(
+                rewards,
+                g.num_generations_per_prompt,
+                normalize_std=g.normalize_rewards,
+                leave_one_out=g.use_leave_one_out_baseline,
+            )
+            batch = RLBatch.from_rollout(rollout, advantages, pad_id=tok.pad_id)
+            timing["reward_calculation"] = time.perf_counter() - t
+
+            t = time.perf_counter()
+            routes = rollout.routes if replay.uses_engine_routes else None
+            batch.prev_logprobs = worker.get_logprobs(batch, routes)
+            timing["policy_and_reference_logprobs"] = time.perf_counter() - t
+
+            t = time.perf_counter()
+            steps = worker.train(batch, loss_fn, num_mini_steps=g.off_policy_steps)
+            timing["policy_training"] = time.perf_counter() - t
+            timing["total_step_time"] = time.perf_counter() - start
+
+            metrics: dict[str, Any] = {"step": step + 1}
+            metrics["train/reward"] = float(rewards.mean())
+            metrics["train/accuracy"] = float((rewards == 1.0).float().mean())
+            metrics["train/response_length"] = float(rollout.response_mask.sum(1).mean())
+            metrics["train/zero_advantage_fraction"] = float((advantages == 0).float().mean())
+            metrics.update({f"train/{k}": v for k, v in worker.logprob_metrics.items()})
+            metrics.update(_step_metrics(steps))
+            metrics.update({f"timing/train/{k}": v for k, v in timing.items()})
+            if step == 0 and sft_losses:
+                metrics["sft/loss_first"] = sft_losses[0]
+                metrics["sft/loss_last"] = sft_losses[-1]
+                metrics["timing/sft"] = sft_time
+            log.write(json.dumps(metrics) + "\n")
+            log.flush()
+            history.append(metrics)
+            print(_progress_line(metrics, g.max_num_steps, g.off_policy_steps), flush=True)
+    return history
+
+
+def _progress_line(metrics: dict[str, Any], total: int, kappa: int) -> str:
+    zero_dev = metrics.get(f"{ZERO_DEVIATION}/mini_step_{kappa - 1}", math.nan)
+    return (
+        f"step {metrics['step']}/{total}  reward {metrics['train/reward']:.3f}  "
+        f"zero_dev[{kappa - 1}] {zero_dev:.3f}  loss {metrics.get('train/loss', math.nan):.4f}  "
+        f"({metrics['timing/train/total_step_time']:.1f}s)"
+    )
