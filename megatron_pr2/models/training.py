@@ -107,8 +107,7 @@ def save_checkpoint(setup: TrainingSetup, directory: str | Path) -> None:
     """Model and optimizer to a megatron ``torch_dist`` checkpoint (any layout can load it)."""
     Path(directory).mkdir(parents=True, exist_ok=True)
     state = _model_sharded_state_dict(setup)
-    model_state = {k: v for k, v in state.items()}
-    state["optimizer"] = setup.optimizer.sharded_state_dict(_flat(model_state))
+    state["optimizer"] = setup.optimizer.sharded_state_dict(_flat(state))
     dist_checkpointing.save(state, str(directory))
 
 

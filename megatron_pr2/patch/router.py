@@ -87,19 +87,27 @@ class ReplayTopKRouter(TopKRouter):
         if self.evolution_predictor is None or self.router_replay.action is RouteAction.LIVE:
             return logits
         state = self.router_replay
+        recording = state.action is RouteAction.RECORD and not in_backward_recompute()
+        # The loss runs once per microbatch: in the forward, or (when checkpointed, since megatron
+        # runs the first forward under no_grad) in the recompute; like megatron's aux losses.
+        training = (
+            not recording
+            and state.action is RouteAction.REPLAY
+            and state.predictor.compute_loss
+            and torch.is_grad_enabled()
+        )
+        if not (recording or training):
+            return logits
         flat_input = input.reshape(-1, input.shape[-1])
         flat_logits = logits.reshape(-1, logits.shape[-1])
         microbatch = state.microbatch_of_current_call()
         keys = state.keys_for(microbatch, flat_logits.shape[0], flat_logits.device)
-        if state.action is RouteAction.RECORD and not in_backward_recompute():
+        if recording:
             offset = state.predictor.record(self.evolution_predictor, flat_input, flat_logits, keys)
-            biased = flat_logits.detach() + offset
             if self.replay_config.predictor.bias_in_gate_weights:
                 return (logits + offset.view_as(logits)).to(logits.dtype)
-            state.stage_indices(self.predicted_topk(biased))
-        elif state.predictor.compute_loss and torch.is_grad_enabled():
-            # Once per microbatch: in the forward, or (when checkpointed, since megatron runs
-            # the first forward under no_grad) in the recompute; like megatron's aux losses.
+            state.stage_indices(self.predicted_topk(flat_logits.detach() + offset))
+        else:
             token_group = self.tp_cp_group if self.config.sequence_parallel else self.cp_group
             state.set_pending_loss(
                 state.predictor.loss(self.evolution_predictor, flat_logits, keys, token_group)

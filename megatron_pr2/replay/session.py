@@ -108,6 +108,7 @@ class ReplaySession:
         keyed by (microbatch, row), which requires the same micro-batching in the update passes.
         """
         record = RouteRecord()
+        token_keys = self._on_device(token_keys)
         for state in self._states():
             if state.predictor is not None:
                 state.predictor.start_recording()
@@ -136,6 +137,7 @@ class ReplaySession:
         tokens of the batch, through megatron's aux-loss plumbing.
         """
         plans = self.prepare(routes).plans
+        token_keys = self._on_device(token_keys)
         missing = [layer for layer in self.layers if layer not in plans]
         if missing:
             raise ValueError(f"routes missing for local MoE layer(s) {missing}")
@@ -157,6 +159,15 @@ class ReplaySession:
                 raise RuntimeError(f"routes of some microbatches were never used: {unused}")
         finally:
             self.reset()
+
+    def _on_device(
+        self, token_keys: Sequence[torch.Tensor | None] | None
+    ) -> list[torch.Tensor | None] | None:
+        """Token keys moved to the routers' device once per pass, not once per router call."""
+        if token_keys is None:
+            return None
+        device = self._routers[self.layers[0]].weight.device
+        return [None if k is None else k.to(device, non_blocking=True) for k in token_keys]
 
     def prepare(self, routes: Routes) -> PreparedRoutes:
         """Validate external (e.g. rollout-engine) routes once per rollout batch.
