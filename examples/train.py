@@ -24,7 +24,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     sys.path.insert(0, REPO_ROOT)
     if torch.cuda.is_available():
-        from megatron_pr2.cli import init_world1_cuda
+        from megatron_pr2.commands.train import init_world1_cuda
 
         init_world1_cuda()
     else:

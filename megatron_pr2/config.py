@@ -13,12 +13,16 @@ class ReplayMode(str, enum.Enum):
     ``r3``: supplied from outside, e.g. the rollout engine's routes.
     ``pr2``: recorded like ``r2``, but each router selects top-k of ``old logits + predicted
     offset`` from its zero-initialised evolution predictor.
+    ``pr2_r3``: the paper's rollout flavour: the rollout engine applies the predictor and its
+    routes are replayed as in ``r3``; the trainer still trains the predictor (features cached in
+    the old-log-prob pass, loss in later mini-steps) and hands it to the engine at each refit.
     """
 
     NONE = "none"
     R2 = "r2"
     R3 = "r3"
     PR2 = "pr2"
+    PR2_R3 = "pr2_r3"
 
     @classmethod
     def parse(cls, value: str | ReplayMode) -> ReplayMode:
@@ -115,8 +119,24 @@ class RouterReplayConfig:
 
     @property
     def uses_predictor(self) -> bool:
-        return self.mode is ReplayMode.PR2
+        return self.mode in (ReplayMode.PR2, ReplayMode.PR2_R3)
+
+    @property
+    def uses_external_routes(self) -> bool:
+        """Routes come from the rollout engine (``r3``, ``pr2_r3``), not the trainer."""
+        return self.mode in (ReplayMode.R3, ReplayMode.PR2_R3)
 
     @property
     def enabled(self) -> bool:
         return self.mode is not ReplayMode.NONE
+
+    @property
+    def observes_drift(self) -> bool:
+        """``none`` with metrics on: routers route live but compare each update pass's top-k with
+        the old-log-prob pass's (the router drift that replay would have hidden)."""
+        return self.mode is ReplayMode.NONE and self.collect_metrics
+
+    @property
+    def installs_router(self) -> bool:
+        """Whether models get the replay router (else plain megatron-core routers)."""
+        return self.enabled or self.observes_drift

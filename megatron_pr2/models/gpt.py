@@ -91,15 +91,15 @@ def build_model_chunks(
 ) -> list[GPTModel]:
     """This rank's model chunks (one per virtual pipeline stage).
 
-    With ``replay_config`` given and enabled, every MoE router is a ``ReplayTopKRouter``;
-    otherwise the model is plain megatron-core.
+    With ``replay_config`` given and ``installs_router``, every MoE router is a
+    ``ReplayTopKRouter``; otherwise the model is plain megatron-core.
     """
     vp_size = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     chunks = []
     for vp_stage in range(vp_size or 1):
         stage = vp_stage if vp_size else None
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, vp_stage=stage)
-        if replay_config is not None and replay_config.enabled:
+        if replay_config is not None and replay_config.installs_router:
             spec = with_replay_router(spec, replay_config)
         chunks.append(
             GPTModel(

@@ -87,7 +87,12 @@ class ReplayTopKRouter(TopKRouter):
         if self.evolution_predictor is None or self.router_replay.action is RouteAction.LIVE:
             return logits
         state = self.router_replay
-        recording = state.action is RouteAction.RECORD and not in_backward_recompute()
+        # RECORD (pr2) picks predicted routes and caches features; a REPLAY pass with
+        # cache_features (pr2_r3's old-log-prob pass) only caches them.
+        recording = not in_backward_recompute() and (
+            state.action is RouteAction.RECORD
+            or (state.action is RouteAction.REPLAY and state.predictor.cache_features)
+        )
         # The loss runs once per microbatch: in the forward, or (when checkpointed, since megatron
         # runs the first forward under no_grad) in the recompute; like megatron's aux losses.
         training = (
@@ -104,6 +109,8 @@ class ReplayTopKRouter(TopKRouter):
         keys = state.keys_for(microbatch, flat_logits.shape[0], flat_logits.device)
         if recording:
             offset = state.predictor.record(self.evolution_predictor, flat_input, flat_logits, keys)
+            if state.action is RouteAction.REPLAY:
+                return logits
             if self.replay_config.predictor.bias_in_gate_weights:
                 return (logits + offset.view_as(logits)).to(logits.dtype)
             state.stage_indices(self.predicted_topk(flat_logits.detach() + offset))

@@ -23,6 +23,7 @@ class PredictorState:
         self.topk = topk
         self.cache = FeatureCache(config.cache_dtype)
         self.compute_loss = False
+        self.cache_features = False  # a REPLAY pass that caches features (pr2_r3)
         self.counters = torch.zeros(NUM_COUNTERS, dtype=torch.float64)
 
     def start_recording(self) -> None:

@@ -130,12 +130,37 @@ class ReplaySession:
         routes: Routes,
         token_keys: Sequence[torch.Tensor | None] | None = None,
         predictor_loss: bool = False,
+        cache_features: bool = False,
     ) -> Iterator[None]:
         """Force ``routes`` on every local router for one pass (forward and recompute alike).
 
         ``predictor_loss`` (pr2, mini-steps >= 1): add each router's predictor loss on the cached
-        tokens of the batch, through megatron's aux-loss plumbing.
+        tokens of the batch, through megatron's aux-loss plumbing. ``cache_features`` (pr2_r3's
+        old-log-prob pass): start a new feature cache and fill it, as a pr2 recording pass does.
         """
+        with self._planned_pass(
+            RouteAction.REPLAY, routes, token_keys, predictor_loss, cache_features
+        ):
+            yield
+
+    @contextlib.contextmanager
+    def observing(
+        self, routes: Routes, token_keys: Sequence[torch.Tensor | None] | None = None
+    ) -> Iterator[None]:
+        """Route live, and measure each router's live top-k against ``routes`` (the drift that
+        mode ``none`` lets through; metrics as for replay, with ``routes`` as the replayed set)."""
+        with self._planned_pass(RouteAction.OBSERVE, routes, token_keys):
+            yield
+
+    @contextlib.contextmanager
+    def _planned_pass(
+        self,
+        action: RouteAction,
+        routes: Routes,
+        token_keys: Sequence[torch.Tensor | None] | None,
+        predictor_loss: bool = False,
+        cache_features: bool = False,
+    ) -> Iterator[None]:
         plans = self.prepare(routes).plans
         token_keys = self._on_device(token_keys)
         missing = [layer for layer in self.layers if layer not in plans]
@@ -146,9 +171,10 @@ class ReplaySession:
             raise ValueError(f"routes give different microbatch counts per layer: {counts}")
         try:
             for layer in self.layers:
-                self.state(layer).set_action(
-                    RouteAction.REPLAY, plans[layer], token_keys, predictor_loss
-                )
+                state = self.state(layer)
+                if cache_features and state.predictor is not None:
+                    state.predictor.start_recording()
+                state.set_action(action, plans[layer], token_keys, predictor_loss, cache_features)
             yield
             unused = {
                 layer: self.state(layer).planned_microbatches_left

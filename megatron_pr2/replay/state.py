@@ -40,6 +40,7 @@ class RouteAction(enum.Enum):
     LIVE = "live"  # plain megatron routing
     RECORD = "record"  # live routing; keep each microbatch's top-k
     REPLAY = "replay"  # force the planned expert set of each microbatch
+    OBSERVE = "observe"  # live routing; measure it against the planned set (drift under `none`)
 
 
 def in_backward_recompute() -> bool:
@@ -80,19 +81,23 @@ class RouterReplayState:
         plan: list[torch.Tensor | PlannedRoute | None] | None = None,
         token_keys: list[torch.Tensor | None] | None = None,
         predictor_loss: bool = False,
+        cache_features: bool = False,
     ) -> None:
-        """Start a pass. For REPLAY, ``plan`` holds one route (or None = live) per microbatch;
-        each is validated here, before any forward runs, so a bad route never reaches routing."""
+        """Start a pass. For REPLAY and OBSERVE, ``plan`` holds one route (or None = live) per
+        microbatch; each is validated here, before any forward runs, so a bad route never
+        reaches routing. ``cache_features`` (pr2_r3's old-log-prob pass): a REPLAY pass that
+        also fills the predictor's feature cache, as a pr2 RECORD pass does."""
         self.reset()
-        if action is RouteAction.REPLAY:
+        if action in (RouteAction.REPLAY, RouteAction.OBSERVE):
             if plan is None:
                 raise ValueError(
-                    f"layer {self.layer_number}: REPLAY needs one route per microbatch"
+                    f"layer {self.layer_number}: {action.name} needs one route per microbatch"
                 )
             self._plan = [self.prepare(routes, mb) for mb, routes in enumerate(plan)]
         self._token_keys = list(token_keys or [])
         if self.predictor is not None:
             self.predictor.compute_loss = predictor_loss and action is RouteAction.REPLAY
+            self.predictor.cache_features = cache_features and action is RouteAction.REPLAY
         self.action = action
 
     def reset(self) -> None:
@@ -107,6 +112,7 @@ class RouterReplayState:
         self._pending_loss = None
         if self.predictor is not None:
             self.predictor.compute_loss = False
+            self.predictor.cache_features = False
 
     def take_counters(self) -> torch.Tensor | None:
         counters, self.counters = self.counters, None
@@ -150,6 +156,11 @@ class RouterReplayState:
             return values, indices
 
         microbatch = self._cursor
+        if self.action is RouteAction.OBSERVE:
+            values, indices = live_topk(scores)
+            self._observe(indices.detach(), microbatch)
+            self._remember_for_recompute(indices, microbatch)
+            return values, indices
         indices = self._replay_indices(scores, live_topk)
         self._remember_for_recompute(indices, microbatch)
         return scores.gather(1, indices), indices
@@ -209,13 +220,7 @@ class RouterReplayState:
 
     def _replay_indices(self, scores: torch.Tensor, live_topk: Callable) -> torch.Tensor:
         microbatch = self._cursor
-        if microbatch >= len(self._plan):
-            raise RuntimeError(
-                f"layer {self.layer_number}: forward #{microbatch + 1} but routes were given for "
-                f"{len(self._plan)} microbatch(es)"
-            )
-        self._cursor += 1
-        planned = self._plan[microbatch]
+        planned = self._next_plan()
         num_tokens = scores.shape[0]
         if planned is None:  # whole microbatch falls back to the live router
             live = live_topk(scores.detach())[1]
@@ -247,6 +252,37 @@ class RouterReplayState:
                 None if padding_rows is None else padding_rows[sample],
             )
         return indices
+
+    def _next_plan(self) -> PlannedRoute | None:
+        microbatch = self._cursor
+        if microbatch >= len(self._plan):
+            raise RuntimeError(
+                f"layer {self.layer_number}: forward #{microbatch + 1} but routes were given for "
+                f"{len(self._plan)} microbatch(es)"
+            )
+        self._cursor += 1
+        return self._plan[microbatch]
+
+    def _observe(self, live: torch.Tensor, microbatch: int) -> None:
+        """Count the planned (old-pass) set against the live top-k the router just used."""
+        planned = self._next_plan()
+        if planned is None or not self.collect_metrics:
+            return
+        if planned.indices.shape[0] != live.shape[0]:
+            raise ValueError(
+                f"routes for layer {self.layer_number}, microbatch {microbatch}: the router sees "
+                f"{live.shape[0]} tokens, the routes have {planned.indices.shape[0]} rows"
+            )
+        stride = self.metrics_token_stride
+        sample = slice(None, None, stride) if stride > 1 else slice(None)
+        padding_rows = self._padding_rows(microbatch, live.device)
+        fallback = planned.fallback_rows
+        self._count(
+            planned.indices[sample],
+            live[sample],
+            None if fallback is None else fallback[sample],
+            None if padding_rows is None else padding_rows[sample],
+        )
 
     def _padding_rows(self, microbatch: int, device: torch.device) -> torch.Tensor | None:
         """Rows with negative token keys (padding, see ``routes.layout``), when keys are given."""

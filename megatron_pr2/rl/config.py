@@ -66,13 +66,12 @@ class GRPOConfig:
 
 @dataclass
 class RouterReplaySection:
-    """``policy.router_replay.*``.
+    """``policy.router_replay.*``: :class:`megatron_pr2.config.RouterReplayConfig`'s keys.
 
-    ``mode`` adds ``pr2_r3`` to :class:`megatron_pr2.config.ReplayMode`: the rollout engine
-    samples under ``logits + predicted offset`` and the trainer replays the engine's routes (R3).
-    The policy worker has no mode that both replays external routes and trains the predictor,
-    so in ``pr2_r3`` the trainer runs as ``r3`` and the engine's predictor stays at its zero
-    init: predictor training for ``pr2_r3`` is missing, and the run behaves as ``r3``.
+    ``pr2_r3``: the rollout engine samples under ``logits + predicted offset`` and the trainer
+    replays the engine's routes (R3) while training the predictor it hands to the engine.
+    ``none`` with ``collect_metrics``: routing stays live; the update passes report their drift
+    from the old-log-prob pass's routes under the same metric names.
     """
 
     mode: str = "r2"
@@ -92,11 +91,6 @@ class RouterReplaySection:
             )
 
     @property
-    def worker_mode(self) -> str:
-        """The policy worker's replay mode (``pr2_r3`` trains as ``r3``, see class doc)."""
-        return "r3" if self.mode == "pr2_r3" else self.mode
-
-    @property
     def engine_mode(self) -> str:
         return "pr2_r3" if self.mode == "pr2_r3" else "r3"
 
@@ -104,9 +98,13 @@ class RouterReplaySection:
     def uses_engine_routes(self) -> bool:
         return self.mode in ("r3", "pr2_r3")
 
+    @property
+    def engine_applies_predictor(self) -> bool:
+        return self.mode == "pr2_r3"
+
     def worker_config(self) -> RouterReplayConfig:
         return RouterReplayConfig(
-            mode=self.worker_mode,
+            mode=self.mode,
             collect_metrics=self.collect_metrics,
             metrics_token_stride=self.metrics_token_stride,
             allow_token_dropping=self.allow_token_dropping,

@@ -182,9 +182,8 @@ def train(config: MasterConfig) -> list[dict[str, Any]]:
         for step in range(g.max_num_steps):
             timing: dict[str, float] = {}
             start = time.perf_counter()
-            # The worker never holds a predictor the engine applies (pr2: trainer-side only;
-            # pr2_r3: the worker runs r3), so the predictor is never part of the refit.
-            engine.refresh(worker.modules, include_predictor=False)
+            # pr2: the predictor is trainer-side only; pr2_r3: the engine applies it.
+            engine.refresh(worker.modules, include_predictor=replay.engine_applies_predictor)
             timing["prepare_for_generation"] = time.perf_counter() - start
 
             t = time.perf_counter()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_pr2.config import ReplayMode, RouterReplayConfig
+from megatron_pr2.config import RouterReplayConfig
 from megatron_pr2.models.gpt import lm_forward_backward
 from megatron_pr2.models.training import TrainingSetup, setup_training, train_step
 from megatron_pr2.replay.session import PreparedRoutes, ReplaySession, Routes
@@ -178,8 +178,10 @@ class PolicyWorker:
     """Trainer side of one RL run: megatron DDP + optimizer over ``chunks``, replay by mode.
 
     ``r2`` / ``pr2``: ``get_logprobs`` records the routes (pr2: predicted, with the predictor's
-    feature cache keyed by ``sample << 32 | position``) and ``train`` replays them. ``r3``:
-    ``get_logprobs`` and ``train`` replay the engine's routes. ``none``: live routing.
+    feature cache keyed by ``sample << 32 | position``) and ``train`` replays them. ``r3`` /
+    ``pr2_r3``: ``get_logprobs`` and ``train`` replay the engine's routes (``pr2_r3`` also
+    trains the predictor the engine applies). ``none``: live routing; with metrics on, the
+    update passes measure their drift from the old-log-prob pass's routes.
     """
 
     def __init__(
@@ -200,7 +202,7 @@ class PolicyWorker:
             weight_decay=weight_decay,
             clip_grad=clip_grad,
         )
-        self.session = ReplaySession(self.setup.modules) if replay.enabled else None
+        self.session = ReplaySession(self.setup.modules) if replay.installs_router else None
         config = self.setup.modules[0].config
         self._coords = RankCoords.from_megatron(bool(config.sequence_parallel))
         self._routes: PreparedRoutes | None = None
@@ -225,22 +227,27 @@ class PolicyWorker:
     def get_logprobs(self, batch: RLBatch, routes: Routes | None = None) -> torch.Tensor:
         """π_old: token-aligned ``[batch, seq]`` log-probs, forward only.
 
-        ``r2`` / ``pr2`` record this pass's routes and keep them for ``train`` of this batch;
-        ``r3`` needs ``routes`` (the engine's, in this worker's micro-batching) and replays them.
+        ``r2`` / ``pr2`` (and ``none`` with metrics, to measure drift) record this pass's routes
+        and keep them for ``train`` of this batch; ``r3`` / ``pr2_r3`` need ``routes`` (the
+        engine's, in this worker's micro-batching) and replay them (``pr2_r3`` also caches the
+        predictor's features).
         Replay metrics of the pass (r3: engine vs trainer routes) land in ``logprob_metrics``.
         """
         mode = self.replay.mode
         microbatches = _microbatches(batch, self.micro_batch_size)
         self._routes, self._routes_tokens = None, None
-        if mode is ReplayMode.R3 and routes is None:
-            raise ValueError("router_replay.mode r3: get_logprobs needs the engine's routes")
-        if mode in (ReplayMode.R2, ReplayMode.PR2) and routes is not None:
+        external = self.replay.uses_external_routes
+        if external and routes is None:
+            raise ValueError(f"router_replay.mode {mode.value}: get_logprobs needs engine routes")
+        if not external and routes is not None:
             raise ValueError(f"router_replay.mode {mode.value} records its own routes")
         if self.session is None:
             outputs = self._forward_only(microbatches)
-        elif mode is ReplayMode.R3:
+        elif external:
             prepared = self.session.prepare(routes)
-            with self.session.replaying(prepared):
+            # pr2_r3: the predictor learns from this pass's router inputs and logits.
+            keys = self._token_keys(batch) if self.replay.uses_predictor else None
+            with self.session.replaying(prepared, keys, cache_features=keys is not None):
                 outputs = self._forward_only(microbatches)
             self._routes = prepared
         else:
@@ -298,7 +305,11 @@ class PolicyWorker:
                     {layer: plans[mb_range] for layer, plans in routes.plans.items()}
                 )
                 assert self.session is not None
-                with self.session.replaying(part_routes, keys[mb_range], predictor_on):
+                if self.replay.enabled:
+                    pass_ = self.session.replaying(part_routes, keys[mb_range], predictor_on)
+                else:  # none: route live, measure the drift from the old-log-prob routes
+                    pass_ = self.session.observing(part_routes, keys[mb_range])
+                with pass_:
                     metrics = self._train_step(part, loss_fn, predictor_active=predictor_on)
             if self.session is not None:
                 metrics.update(self.session.metrics())

@@ -1,0 +1,49 @@
+"""``pr2 train CONFIG [key=value ...]``: the GRPO trainer (world 1, CUDA)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+CPU_HINT = (
+    "pr2 train needs CUDA (megatron-core on NCCL). On a CPU-only machine run the same config "
+    "with the test-only CPU shim: python examples/train.py CONFIG [key=value ...]"
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("train", help="GRPO run from a YAML config (CUDA)")
+    parser.add_argument("config", help="YAML config (NeMo-RL key layout)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    parser.set_defaults(handler=run)
+
+
+def init_world1_cuda() -> None:
+    """World-1 NCCL process group and megatron parallel state (the trainer's precondition)."""
+    import torch
+    from megatron.core import parallel_state
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29512")
+    torch.cuda.set_device(0)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl", rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel()
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        print(CPU_HINT, file=sys.stderr)
+        return 2
+    from megatron_pr2.rl.config import load_config
+
+    config = load_config(args.config, args.overrides)  # fail on bad keys before init
+    init_world1_cuda()
+    from megatron_pr2.rl.trainer import train as run_train
+
+    run_train(config)
+    return 0
