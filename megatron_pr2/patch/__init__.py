@@ -4,11 +4,14 @@
 * ``spec``: ``with_replay_router`` injects it through ``MoESubmodules.router``.
 * ``guards``: configurations that would bypass the hook are refused.
 * ``version``: tested megatron-core versions (0.16.1, 0.19.2).
+* ``hooks``: what a megatron-core patched with ``patches/`` calls to build its routers (its
+  canaries are in ``tests/unit/test_patches.py``).
 
 Each patch point has a canary in ``tests/unit/test_patch_points.py``.
 """
 
 from megatron_pr2.patch.guards import check_replay_compatible
+from megatron_pr2.patch.hooks import disable_router_hook, enable_router_hook, router_hook
 from megatron_pr2.patch.router import ReplayTopKRouter
 from megatron_pr2.patch.spec import replay_router_builder, with_replay_router
 from megatron_pr2.patch.version import check_megatron_core_version, megatron_core_version
@@ -17,7 +20,10 @@ __all__ = [
     "ReplayTopKRouter",
     "check_megatron_core_version",
     "check_replay_compatible",
+    "disable_router_hook",
+    "enable_router_hook",
     "megatron_core_version",
     "replay_router_builder",
+    "router_hook",
     "with_replay_router",
 ]
