@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import shutil
+import subprocess
 
 import pytest
 from packaging.version import Version
@@ -57,6 +59,25 @@ def test_patch_set_still_applies_to_pristine_megatron_core(version, tmp_path):
         assert result.ok, result.explain()
         result = pc.apply_patch(patch, core, dry_run=False)  # so the next patch sees this one
         assert result.ok, result.explain()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_readme_command_for_a_megatron_lm_checkout_applies(version, tmp_path):
+    """``git apply --directory=megatron/core`` from the root of a Megatron-LM-shaped checkout."""
+    _require_installed(version)
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    pc.copy_touched_files(version, tmp_path / "megatron" / "core")
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    for patch in pc.patch_files(version):
+        done = subprocess.run(
+            ["git", "apply", "--check", "--directory=megatron/core", str(patch)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.parametrize("version", VERSIONS)
