@@ -25,6 +25,7 @@ from megatron_pr2.rl.task import TaskConfig
 
 __all__ = [
     "TRAINER_MODES",
+    "CheckpointingConfig",
     "GRPOConfig",
     "GenerationConfig",
     "LoggerConfig",
@@ -141,9 +142,30 @@ class GenerationConfig:
 
 @dataclass
 class LoggerConfig:
-    """``logger.*``: ``metrics.jsonl`` is written under ``log_dir``."""
+    """``logger.*``: ``metrics.jsonl`` is always written under ``log_dir``; TensorBoard event
+    files under ``log_dir/tensorboard`` when enabled (needs the ``tensorboard`` package)."""
 
     log_dir: str = "logs/grpo"
+    tensorboard_enabled: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class CheckpointingConfig:
+    """``checkpointing.*`` (NeMo-RL's keys): a run with ``enabled`` resumes from the newest
+    complete checkpoint in ``checkpoint_dir`` and saves every ``save_period`` steps (and at the
+    end), keeping the newest ``keep_top_k`` (None: all)."""
+
+    enabled: bool = False
+    checkpoint_dir: str = "results/grpo"
+    save_period: int = 10
+    keep_top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.save_period < 1:
+            raise ValueError(f"checkpointing.save_period must be >= 1, got {self.save_period}")
+        if self.keep_top_k is not None and self.keep_top_k < 1:
+            raise ValueError(f"checkpointing.keep_top_k must be >= 1, got {self.keep_top_k}")
 
 
 @dataclass
@@ -156,6 +178,7 @@ class MasterConfig:
     loss_fn: dict[str, Any] = field(default_factory=dict)
     task: TaskConfig = field(default_factory=TaskConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
 
     def __post_init__(self) -> None:
         self.loss_config()  # unknown / unsupported loss_fn keys fail at load time

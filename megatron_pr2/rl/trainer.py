@@ -17,7 +17,6 @@ All tensors live on the host; a CUDA run needs device placement that engine and 
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -36,8 +35,16 @@ from megatron_pr2.models.gpt import (
 )
 from megatron_pr2.models.training import train_step
 from megatron_pr2.rl.advantages import grpo_advantages
+from megatron_pr2.rl.checkpoint import (
+    capture_rng,
+    latest_checkpoint,
+    load_trainer_checkpoint,
+    restore_rng,
+    save_trainer_checkpoint,
+)
 from megatron_pr2.rl.config import MasterConfig
 from megatron_pr2.rl.engine import RolloutEngine, bf16_engine_config
+from megatron_pr2.rl.logger import RunLogger
 from megatron_pr2.rl.loss import ClippedPGLossFn
 from megatron_pr2.rl.task import SyntheticTask
 from megatron_pr2.rl.worker import PolicyWorker, RLBatch
@@ -128,7 +135,7 @@ def train(config: MasterConfig) -> list[dict[str, Any]]:
         raise RuntimeError("megatron is not initialised: use examples/train.py or `pr2 train`")
     if torch.distributed.get_world_size() != 1:
         raise NotImplementedError("the GRPO trainer runs in world 1 only (see module docstring)")
-    g, p, gen = config.grpo, config.policy, config.generation
+    g, p = config.grpo, config.policy
     replay = p.router_replay
     torch.manual_seed(g.seed)
     model_parallel_cuda_manual_seed(g.seed)
@@ -165,91 +172,131 @@ def train(config: MasterConfig) -> list[dict[str, Any]]:
     log_dir = Path(config.logger.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     (log_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    metrics_path = log_dir / "metrics.jsonl"
 
-    t0 = time.perf_counter()
-    sft_losses = supervised_warm_start(worker, task, config, rng)
-    sft_time = time.perf_counter() - t0
-    if sft_losses:
-        print(
-            f"sft: {len(sft_losses)} steps, loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f} "
-            f"({sft_time:.1f}s)",
-            flush=True,
-        )
+    ckpt = config.checkpointing
+    start_step, sft_losses, sft_time = 0, [], 0.0
+    latest = latest_checkpoint(ckpt.checkpoint_dir) if ckpt.enabled else None
+    if latest is not None:
+        start_step, path = latest
+        state = load_trainer_checkpoint(worker.setup, path)
+        restore_rng(state["rng"], rng, sampler)
+        print(f"resumed from {path} (step {start_step})", flush=True)
+    else:
+        t0 = time.perf_counter()
+        sft_losses = supervised_warm_start(worker, task, config, rng)
+        sft_time = time.perf_counter() - t0
+        if sft_losses:
+            print(
+                f"sft: {len(sft_losses)} steps, loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f} "
+                f"({sft_time:.1f}s)",
+                flush=True,
+            )
 
     history: list[dict[str, Any]] = []
-    with metrics_path.open("w") as log:
-        for step in range(g.max_num_steps):
-            timing: dict[str, float] = {}
-            start = time.perf_counter()
-            # pr2: the predictor is trainer-side only; pr2_r3: the engine applies it.
-            engine.refresh(worker.modules, include_predictor=replay.engine_applies_predictor)
-            timing["prepare_for_generation"] = time.perf_counter() - start
-
-            t = time.perf_counter()
-            prompts = task.make_prompts(g.num_prompts_per_step, rng)
-            rollout = engine.generate(
-                [q.tokens for q in prompts for _ in range(g.num_generations_per_prompt)],
-                max_new,
-                temperature=gen.temperature,
-                top_p=gen.top_p,
-                generator=sampler,
-                micro_batch_size=p.micro_batch_size,
-                return_routes=replay.uses_engine_routes,
-            )
-            timing["generation"] = time.perf_counter() - t
-
-            t = time.perf_counter()
-            responses = rollout.responses()
-            rewards = torch.tensor(
-                [
-                    task.reward(prompts[i // g.num_generations_per_prompt], r)
-                    for i, r in enumerate(responses)
-                ],
-                dtype=torch.float32,
-            )
-            advantages = grpo_advantages(
-                rewards,
-                g.num_generations_per_prompt,
-                normalize_std=g.normalize_rewards,
-                leave_one_out=g.use_leave_one_out_baseline,
-            )
-            batch = RLBatch.from_rollout(rollout, advantages, pad_id=tok.pad_id)
-            timing["reward_calculation"] = time.perf_counter() - t
-
-            t = time.perf_counter()
-            routes = rollout.routes if replay.uses_engine_routes else None
-            batch.prev_logprobs = worker.get_logprobs(batch, routes)
-            timing["policy_and_reference_logprobs"] = time.perf_counter() - t
-
-            t = time.perf_counter()
-            steps = worker.train(batch, loss_fn, num_mini_steps=g.off_policy_steps)
-            timing["policy_training"] = time.perf_counter() - t
-            timing["total_step_time"] = time.perf_counter() - start
-
-            metrics: dict[str, Any] = {"step": step + 1}
-            metrics["train/reward"] = float(rewards.mean())
-            metrics["train/accuracy"] = float((rewards == 1.0).float().mean())
-            metrics["train/response_length"] = float(rollout.response_mask.sum(1).mean())
-            metrics["train/zero_advantage_fraction"] = float((advantages == 0).float().mean())
-            metrics.update({f"train/{k}": v for k, v in worker.logprob_metrics.items()})
-            metrics.update(_step_metrics(steps))
-            metrics.update({f"timing/train/{k}": v for k, v in timing.items()})
+    headline = {
+        "reward": "train/reward",
+        f"zero_dev[{g.off_policy_steps - 1}]": f"{ZERO_DEVIATION}/mini_step_{g.off_policy_steps - 1}",
+        "loss": "train/loss",
+        "s/step": "timing/train/total_step_time",
+    }
+    with RunLogger(
+        log_dir,
+        g.max_num_steps,
+        tensorboard=config.logger.tensorboard_enabled,
+        progress_bar=config.logger.progress_bar,
+        resume_step=start_step,
+        headline=headline,
+    ) as logger:
+        for step in range(start_step, g.max_num_steps):
+            metrics = _grpo_step(config, task, worker, engine, loss_fn, rng, sampler, max_new)
+            metrics = {"step": step + 1, **metrics}
             if step == 0 and sft_losses:
                 metrics["sft/loss_first"] = sft_losses[0]
                 metrics["sft/loss_last"] = sft_losses[-1]
                 metrics["timing/sft"] = sft_time
-            log.write(json.dumps(metrics) + "\n")
-            log.flush()
+            logger.log(metrics)
             history.append(metrics)
-            print(_progress_line(metrics, g.max_num_steps, g.off_policy_steps), flush=True)
+            done = step + 1
+            if ckpt.enabled and (done % ckpt.save_period == 0 or done == g.max_num_steps):
+                path = save_trainer_checkpoint(
+                    worker.setup,
+                    ckpt.checkpoint_dir,
+                    done,
+                    {"rng": capture_rng(rng, sampler)},
+                    keep_last=ckpt.keep_top_k,
+                )
+                logger.write(f"saved {path}")
     return history
 
 
-def _progress_line(metrics: dict[str, Any], total: int, kappa: int) -> str:
-    zero_dev = metrics.get(f"{ZERO_DEVIATION}/mini_step_{kappa - 1}", math.nan)
-    return (
-        f"step {metrics['step']}/{total}  reward {metrics['train/reward']:.3f}  "
-        f"zero_dev[{kappa - 1}] {zero_dev:.3f}  loss {metrics.get('train/loss', math.nan):.4f}  "
-        f"({metrics['timing/train/total_step_time']:.1f}s)"
+def _grpo_step(
+    config: MasterConfig,
+    task: SyntheticTask,
+    worker: PolicyWorker,
+    engine: RolloutEngine,
+    loss_fn: ClippedPGLossFn,
+    rng: random.Random,
+    sampler: torch.Generator,
+    max_new: int,
+) -> dict[str, Any]:
+    """One GRPO step: refit, rollout, rewards/advantages, old log-probs, κ mini-steps."""
+    g, p, gen = config.grpo, config.policy, config.generation
+    replay = p.router_replay
+    tok = task.tokenizer
+    timing: dict[str, float] = {}
+    start = time.perf_counter()
+    # pr2: the predictor is trainer-side only; pr2_r3: the engine applies it.
+    engine.refresh(worker.modules, include_predictor=replay.engine_applies_predictor)
+    timing["prepare_for_generation"] = time.perf_counter() - start
+
+    t = time.perf_counter()
+    prompts = task.make_prompts(g.num_prompts_per_step, rng)
+    rollout = engine.generate(
+        [q.tokens for q in prompts for _ in range(g.num_generations_per_prompt)],
+        max_new,
+        temperature=gen.temperature,
+        top_p=gen.top_p,
+        generator=sampler,
+        micro_batch_size=p.micro_batch_size,
+        return_routes=replay.uses_engine_routes,
     )
+    timing["generation"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    responses = rollout.responses()
+    rewards = torch.tensor(
+        [
+            task.reward(prompts[i // g.num_generations_per_prompt], r)
+            for i, r in enumerate(responses)
+        ],
+        dtype=torch.float32,
+    )
+    advantages = grpo_advantages(
+        rewards,
+        g.num_generations_per_prompt,
+        normalize_std=g.normalize_rewards,
+        leave_one_out=g.use_leave_one_out_baseline,
+    )
+    batch = RLBatch.from_rollout(rollout, advantages, pad_id=tok.pad_id)
+    timing["reward_calculation"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    routes = rollout.routes if replay.uses_engine_routes else None
+    batch.prev_logprobs = worker.get_logprobs(batch, routes)
+    timing["policy_and_reference_logprobs"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    steps = worker.train(batch, loss_fn, num_mini_steps=g.off_policy_steps)
+    timing["policy_training"] = time.perf_counter() - t
+    timing["total_step_time"] = time.perf_counter() - start
+
+    metrics: dict[str, Any] = {}
+    metrics["train/reward"] = float(rewards.mean())
+    metrics["train/accuracy"] = float((rewards == 1.0).float().mean())
+    metrics["train/response_length"] = float(rollout.response_mask.sum(1).mean())
+    metrics["train/zero_advantage_fraction"] = float((advantages == 0).float().mean())
+    metrics["train/num_tokens"] = float(rollout.lengths.sum())
+    metrics.update({f"train/{k}": v for k, v in worker.logprob_metrics.items()})
+    metrics.update(_step_metrics(steps))
+    metrics.update({f"timing/train/{k}": v for k, v in timing.items()})
+    return metrics

@@ -1,0 +1,127 @@
+"""Where a run's metrics go: ``metrics.jsonl`` (always), TensorBoard and a progress bar.
+
+Metric names follow NeMo-RL (``train/reward``, ``train/gen_kl_error``, ...); per-mini-step values
+carry a ``/mini_step_{i}`` suffix. The JSONL file is the source of truth (``pr2 compare`` and
+``pr2 analyze`` read it); TensorBoard gets the same scalars with the step as x axis.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RunLogger", "read_metrics"]
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every step's metrics of a run directory, in step order (last record wins per step)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no {METRICS_FILE} (not a pr2 run directory?)")
+    by_step: dict[int, dict[str, Any]] = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not a JSON object ({err.msg})") from None
+        if "step" not in record:
+            raise ValueError(f"{path}:{number}: record has no 'step' key")
+        by_step[int(record["step"])] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
+class RunLogger:
+    """JSONL + optional TensorBoard + optional tqdm progress bar for one run.
+
+    ``resume_step``: keep the records of steps ``<= resume_step`` already in the file (a resumed
+    run continues it) and drop later ones (written after the checkpoint the run resumes from).
+    """
+
+    def __init__(
+        self,
+        log_dir: str | Path,
+        total_steps: int,
+        *,
+        tensorboard: bool = False,
+        progress_bar: bool = True,
+        resume_step: int = 0,
+        headline: dict[str, str] | None = None,
+    ) -> None:
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.log_dir / METRICS_FILE
+        kept = []
+        if resume_step > 0 and self.path.is_file():
+            kept = [m for m in read_metrics(self.log_dir) if int(m["step"]) <= resume_step]
+        with self.path.open("w") as out:
+            for record in kept:
+                out.write(json.dumps(record) + "\n")
+        self._file = self.path.open("a")
+        self._tb = _tensorboard_writer(self.log_dir / "tensorboard") if tensorboard else None
+        self._bar = _progress_bar(total_steps, resume_step) if progress_bar else None
+        self.headline = headline or {}  # progress-bar label -> metric name
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        step = int(metrics["step"])
+        self._file.write(json.dumps(metrics) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for name, value in metrics.items():
+                if name != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(name, value, step)
+            self._tb.flush()
+        summary = {label: metrics.get(name) for label, name in self.headline.items()}
+        if self._bar is not None:
+            self._bar.set_postfix(
+                {k: f"{v:.3f}" for k, v in summary.items() if isinstance(v, float)}, refresh=False
+            )
+            self._bar.update(1)
+        else:
+            parts = "  ".join(f"{k} {v:.3f}" for k, v in summary.items() if isinstance(v, float))
+            print(f"step {step}  {parts}", flush=True)
+
+    def write(self, text: str) -> None:
+        """A line that does not break the progress bar."""
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._bar is not None:
+            self._bar.close()
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _tensorboard_writer(directory: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ImportError(
+            "logger.tensorboard_enabled=true needs the `tensorboard` package "
+            "(pip install tensorboard), or set logger.tensorboard_enabled=false"
+        ) from err
+    return SummaryWriter(log_dir=str(directory))
+
+
+def _progress_bar(total: int, initial: int) -> Any:
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the plain per-step line is printed instead
+        return None
+    return tqdm(total=total, initial=initial, desc="grpo", unit="step", file=sys.stderr)
