@@ -7,5 +7,6 @@ as the parser default. Heavy imports (torch, megatron) happen inside the handler
 
 COMMAND_MODULES: tuple[str, ...] = (
     "megatron_pr2.commands.info",
+    "megatron_pr2.commands.convert",
     "megatron_pr2.commands.train",
 )
