@@ -1,0 +1,216 @@
+"""The trainer as a nemo-run job: ``run.Script`` under the torchrun launcher, on a
+``LocalExecutor`` (processes on this machine) or a ``SlurmExecutor`` (sbatch + srun).
+
+nemo-run is imported inside the functions (the ``launch`` extra: ``nemo-run==0.11.1`` with
+``leptonai==0.27.3``, since newer leptonai releases break ``import nemo_run``).
+
+Traps this module handles (found by running nemo-run 0.11.1 against a real SLURM):
+
+* ``LocalTunnel`` copies nothing: its ``job_dir`` must be ``$NEMORUN_HOME/experiments``, where
+  nemo-run writes the sbatch script; ``--job-dir`` therefore sets nemo-run's home.
+* The default packager wants a git commit; jobs run from the submitting checkout instead
+  (``run.Packager()``), so the nodes must share its file system (or a container holds it).
+* ``exp.run`` does not raise when the job fails: read the state back with :func:`job_status`
+  (``Experiment.from_id``), which needs SLURM accounting (``sacct``) on SLURM.
+* The job's working directory is nemo-run's per-job ``code`` folder, so relative paths in the
+  trainer config (``logger.log_dir``...) are made absolute against the launching directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megatron_pr2.launch.spec import REPO_ROOT, LaunchSpec
+from megatron_pr2.recipes.loader import Recipe, trainer_values, unsupported_parallel_keys
+
+__all__ = [
+    "DEFAULT_HOME",
+    "LaunchResult",
+    "build_executor",
+    "build_task",
+    "job_status",
+    "launch",
+    "nemo_run_home",
+    "wait_for_job",
+    "write_trainer_config",
+]
+
+DEFAULT_HOME = "~/.nemo_run"
+TASK_NAME = "train"
+_PATH_KEYS = (("logger", "log_dir"), ("checkpointing", "checkpoint_dir"))
+_DONE = {"SUCCEEDED", "FAILED", "CANCELLED", "UNKNOWN"}
+
+
+@dataclass
+class LaunchResult:
+    """``exp_id`` to query the job with; ``script`` is the sbatch text (or command) of a dry run."""
+
+    exp_id: str
+    config_path: Path
+    script: str | None = None
+    status: str | None = None
+
+
+def nemo_run_home(spec: LaunchSpec) -> Path:
+    return Path(os.path.expanduser(spec.job_dir or os.environ.get("NEMORUN_HOME", DEFAULT_HOME)))
+
+
+def write_trainer_config(
+    recipe: Recipe, home: Path, name: str, cwd: Path | None = None, strict: bool = True
+) -> Path:
+    """The trainer's YAML (launch sections stripped, relative output paths made absolute).
+
+    ``strict=False`` (dry runs) drops parallel sizes the trainer does not know yet instead of
+    refusing them, so the sbatch script of a future layout can still be inspected.
+    """
+    values = trainer_values(recipe, strict=strict)
+    base = cwd or Path.cwd()
+    for section, key in _PATH_KEYS:
+        node = values.get(section)
+        if isinstance(node, dict) and node.get(key) and not os.path.isabs(str(node[key])):
+            node[key] = str((base / str(node[key])).resolve())
+    out = home / "pr2_configs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = f"# resolved by pr2 launch from {recipe.path}"
+    if recipe.variants_applied:
+        header += f" (variants: {', '.join(recipe.variants_applied)})"
+    out.write_text(header + "\n" + yaml.safe_dump(values, sort_keys=False))
+    return out
+
+
+def build_task(spec: LaunchSpec, config_path: Path) -> Any:
+    """``pr2 train CONFIG`` (CUDA) or ``python examples/train.py CONFIG`` (CPU) as run.Script."""
+    import nemo_run as run
+
+    if spec.resolved_entry == "pr2":
+        # torchrun --no-python pr2 train CONFIG: nemo-run passes --no-python for non-python
+        # entrypoints; the console script must be on the nodes' PATH (venv or container).
+        return run.Script(path="pr2", args=["train", str(config_path)], entrypoint="pr2")
+    script = REPO_ROOT / "examples" / "train.py"
+    return run.Script(path=str(script), args=[str(config_path)], entrypoint="python")
+
+
+def build_executor(spec: LaunchSpec, home: Path, name: str = "pr2") -> Any:
+    """nemo-run executor with the torchrun launcher; ``home`` must be nemo-run's home.
+
+    The SLURM job is named ``<name>.train`` (nemo-run's default prefix repeats the account).
+    """
+    import nemo_run as run
+
+    launcher = run.Torchrun(rdzv_port=int(spec.rdzv_port))
+    env = dict(spec.env)
+    if spec.executor == "local":
+        return run.LocalExecutor(
+            launcher=launcher, ntasks_per_node=spec.procs_per_node, env_vars=env
+        )
+    mounts = list(spec.container_mounts)
+    if spec.container_image:
+        configs = str(home / "pr2_configs")
+        mounts.append(f"{configs}:{configs}")  # the resolved config at the same path inside
+    return run.SlurmExecutor(
+        account=spec.account or "",
+        job_name_prefix=f"{name}.",
+        partition=spec.partition,
+        nodes=int(spec.nodes),
+        ntasks_per_node=spec.procs_per_node,
+        gpus_per_node=int(spec.gpus_per_node) or None,
+        time=str(spec.time),
+        container_image=spec.container_image,
+        container_mounts=mounts,
+        env_vars=env,
+        additional_parameters=dict(spec.sbatch) or None,
+        tunnel=run.LocalTunnel(job_dir=str(home / "experiments")),
+        packager=run.Packager(),
+        launcher=launcher,
+    )
+
+
+def _dryrun_text(job: Any) -> str:
+    """sbatch script (SLURM) or ``cd CWD && ENV... torchrun ...`` lines (local)."""
+    info = getattr(job, "_dryrun_info", None)
+    request = getattr(info, "request", None)
+    if request is not None and hasattr(request, "materialize"):
+        return request.materialize()
+    lines = []
+    for replicas in (getattr(request, "role_params", None) or {}).values():
+        for params in replicas:
+            env = " ".join(f"{k}={v}" for k, v in sorted(params.env.items()) if k not in ("PATH",))
+            lines.append(f"cd {params.cwd} && {env} {' '.join(params.args)}")
+    return "\n".join(lines) or str(info)
+
+
+def launch(
+    recipe: Recipe,
+    spec: LaunchSpec,
+    *,
+    name: str,
+    dryrun: bool = False,
+    detach: bool = True,
+    tail_logs: bool = False,
+) -> LaunchResult:
+    """Submit (or dry-run) the trainer job; returns the experiment id to poll."""
+    import nemo_run as run
+    from nemo_run.config import set_nemorun_home
+
+    home = nemo_run_home(spec)
+    set_nemorun_home(str(home))
+    pending = unsupported_parallel_keys(recipe)
+    if dryrun and pending:
+        print(
+            f"pr2 launch: warning: the trainer does not support {', '.join(pending)} yet; "
+            "a real submission is refused",
+            file=sys.stderr,
+        )
+    config_path = write_trainer_config(recipe, home, name, strict=not dryrun)
+    task = build_task(spec, config_path)
+    executor = build_executor(spec, home, name)
+    script = None
+    # nemo-run's console chatter goes to stderr, so stdout carries only the script of a dry run.
+    with (
+        contextlib.redirect_stdout(sys.stderr),
+        run.Experiment(name, executor=executor, log_level="WARN") as exp,
+    ):
+        exp.add(task, name=TASK_NAME)
+        if dryrun:
+            exp.dryrun(log=False)
+            script = "\n".join(_dryrun_text(job) for job in exp.jobs)
+        else:
+            exp.run(sequential=True, detach=detach, tail_logs=tail_logs)
+        exp_id = exp._id
+    return LaunchResult(exp_id=exp_id, config_path=config_path, script=script)
+
+
+def job_status(exp_id: str, home: Path | None = None) -> dict[str, Any]:
+    """``{'status': SUCCEEDED|FAILED|RUNNING|..., 'job_id': ...}`` of the experiment's job."""
+    import nemo_run as run
+    from nemo_run.config import set_nemorun_home
+
+    if home is not None:
+        set_nemorun_home(str(home))
+    exp = run.Experiment.from_id(exp_id)
+    states = exp.status(return_dict=True) or {}
+    state = states.get(TASK_NAME) or next(iter(states.values()), {})
+    status = state.get("status")
+    return {**state, "status": str(getattr(status, "name", status))}
+
+
+def wait_for_job(
+    exp_id: str, home: Path | None = None, timeout_s: float = 600.0, poll_s: float = 3.0
+) -> str:
+    """Poll :func:`job_status` until the job ends; raises ``TimeoutError`` past ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = job_status(exp_id, home)["status"]
+        if status.upper() in _DONE:
+            return status.upper()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{exp_id}: still {status} after {timeout_s:.0f} s")
+        time.sleep(poll_s)

@@ -1,0 +1,110 @@
+"""Where and how a run is launched: the recipe's ``cluster:`` section plus command-line flags.
+
+Plain data, no nemo-run import, so recipes can be checked on a machine without the ``launch``
+extra. :mod:`megatron_pr2.launch.nemo` turns a :class:`LaunchSpec` into nemo-run objects.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["REPO_ROOT", "LaunchSpec", "cluster_from_section"]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+_TIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}:\d{2}$")
+
+
+@dataclass
+class LaunchSpec:
+    """The ``cluster:`` keys. ``gpus_per_node: 0`` means a CPU job (gloo, ``examples/train.py``).
+
+    Attributes:
+        executor: ``slurm`` (sbatch through nemo-run's SlurmExecutor) or ``local`` (torchrun on
+            this machine through nemo-run's LocalExecutor).
+        nproc_per_node: torchrun processes per node; defaults to ``gpus_per_node`` (1 on CPU).
+        entry: ``pr2`` (``pr2 train``, CUDA), ``examples`` (``python examples/train.py``, the
+            CPU path with the test-only shim) or ``auto`` (``pr2`` when GPUs are requested).
+        job_dir: nemo-run's home (its ``experiments/`` folder holds the sbatch scripts, logs
+            and the resolved trainer configs); must be on a file system the nodes share.
+        gpu_memory_gb: device memory per GPU, for ``check-recipe``'s capacity check.
+        sbatch: extra ``#SBATCH`` parameters (``{qos: high, exclusive: true}``).
+    """
+
+    executor: str = "slurm"
+    nodes: int = 1
+    gpus_per_node: int = 8
+    nproc_per_node: int | None = None
+    partition: str | None = None
+    account: str | None = None
+    time: str = "04:00:00"
+    container_image: str | None = None
+    container_mounts: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    job_dir: str | None = None
+    job_name: str | None = None
+    entry: str = "auto"
+    gpu_memory_gb: float | None = None
+    rdzv_port: int = 29500
+    sbatch: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.executor not in ("slurm", "local"):
+            raise ValueError(f"cluster.executor must be slurm or local, got {self.executor!r}")
+        if self.entry not in ("auto", "pr2", "examples"):
+            raise ValueError(f"cluster.entry must be auto, pr2 or examples, got {self.entry!r}")
+        if int(self.nodes) < 1:
+            raise ValueError(f"cluster.nodes must be >= 1, got {self.nodes}")
+        if int(self.gpus_per_node) < 0:
+            raise ValueError(f"cluster.gpus_per_node must be >= 0, got {self.gpus_per_node}")
+        if self.nproc_per_node is not None and int(self.nproc_per_node) < 1:
+            raise ValueError(f"cluster.nproc_per_node must be >= 1, got {self.nproc_per_node}")
+        if not _TIME.match(str(self.time)):
+            raise ValueError(f"cluster.time must be [D-]HH:MM:SS, got {self.time!r}")
+        if self.executor == "local" and int(self.nodes) != 1:
+            raise ValueError("cluster.executor=local runs on this machine: nodes must be 1")
+        self.env = {str(k): str(v) for k, v in (self.env or {}).items()}
+        self.container_mounts = [str(m) for m in (self.container_mounts or [])]
+
+    @property
+    def procs_per_node(self) -> int:
+        if self.nproc_per_node is not None:
+            return int(self.nproc_per_node)
+        return int(self.gpus_per_node) or 1
+
+    @property
+    def world_size(self) -> int:
+        return int(self.nodes) * self.procs_per_node
+
+    @property
+    def uses_gpus(self) -> bool:
+        return int(self.gpus_per_node) > 0
+
+    @property
+    def resolved_entry(self) -> str:
+        if self.entry != "auto":
+            return self.entry
+        return "pr2" if self.uses_gpus else "examples"
+
+
+def cluster_from_section(section: Mapping[str, Any], flags: Mapping[str, Any] = ()) -> LaunchSpec:
+    """:class:`LaunchSpec` from a ``cluster:`` mapping, command-line ``flags`` (non-None) on top."""
+    names = {f.name for f in fields(LaunchSpec)}
+    values: dict[str, Any] = {}
+    for key, value in dict(section or {}).items():
+        if key not in names:
+            raise ValueError(f"unknown config key 'cluster.{key}'")
+        values[key] = value
+    for key, value in dict(flags or {}).items():
+        if value is None:
+            continue
+        if key == "env":
+            values["env"] = {**(values.get("env") or {}), **value}
+        elif key == "container_mounts":
+            values["container_mounts"] = [*(values.get("container_mounts") or []), *value]
+        else:
+            values[key] = value
+    return LaunchSpec(**values)

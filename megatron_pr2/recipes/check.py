@@ -1,0 +1,391 @@
+"""``pr2 check-recipe``: does a recipe fit its model and its cluster, and how much memory per GPU.
+
+Checks (each failure is one message naming the keys involved):
+
+* the trainer accepts the config (unknown keys, batch divisibility: :mod:`megatron_pr2.rl.config`);
+* ``policy``'s model shape equals the HF config's (layers, hidden, heads, experts, top-k, expert
+  FFN);
+* parallel sizes vs world size ``W = cluster.nodes x procs per node``: ``TP*PP*CP`` divides ``W``;
+  ``ETP*EP*PP`` divides ``W``; ``TP`` divides the attention heads and the query groups (GQA);
+  ``EP`` divides the routed experts; ``PP`` (``PP*VPP`` when interleaved) divides the layers;
+  ``ETP`` divides the expert FFN; ``TP`` divides the dense FFN; ``2*CP`` divides the sequence
+  length; MoE with ``TP > 1`` and ``EP > 1`` needs ``sequence_parallel`` (megatron says so);
+* batch vs data parallel: every DP rank gets whole micro-batches of each mini-batch;
+* sequence length fits the model's positions, and the static memory fits ``gpu_memory_gb``.
+
+Memory estimate per GPU (bytes; the worst pipeline stage; activations, the KV cache of the
+rollout engine and allocator slack are *not* included). With ``DP = W/(TP*PP*CP)``,
+``EDP = W/(ETP*EP*PP)``, ``L_s = ceil(moe_layers/PP)``:
+
+* ``P_dense = (non_expert_params - embeddings) / (PP*TP) + embeddings_on_stage / TP`` (first stage
+  holds the input embedding, last the output layer; with PP = 1 both);
+* ``P_expert = L_s * (N/EP) * 3*H*I_moe / ETP``;
+* weights ``2 B * (P_dense + P_expert)`` (bf16); grads ``4 B * (P_dense + P_expert)`` (fp32 grad
+  buffers, fp32 reduce as in the paper's runs);
+* optimizer (Adam, distributed optimizer: fp32 master + two moments)
+  ``12 B * (P_dense/DP + P_expert/EDP)``;
+* predictor (PR2 only; fp32, replicated over TP/EP/CP): ``P_pred = L_s*H*N``, weights + grads
+  ``8 B * P_pred``, Adam moments ``8 B * P_pred / DP``;
+* tokens routed per rank and step, padded: ``T = B * S / (DP * CP * (TP if SP else 1))`` with
+  ``B = prompts x generations``, ``S = policy.max_total_sequence_length``;
+* route payloads (R2/R3/PR2; device): the replayed top-k of every routed token of the rollout
+  batch stays on the device through the kappa mini-steps, ``T * L_s * k * 8 B`` (int64);
+  R3 also holds the engine's payload on the host, ``T * L_s * k * b`` with ``b`` the narrowest
+  signed integer that holds ``N - 1``;
+* feature cache (PR2 only; host): ``min(keep * T, cache_tokens_per_step) * L_s * (H + N) * c``
+  with ``c`` the bytes of ``cache_dtype``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from megatron_pr2.launch.spec import LaunchSpec, cluster_from_section
+from megatron_pr2.recipes.loader import (
+    Recipe,
+    RecipeError,
+    trainer_values,
+    unsupported_parallel_keys,
+)
+from megatron_pr2.recipes.models import (
+    ModelShape,
+    load_hf_config,
+    shape_from_hf,
+    shape_from_policy,
+)
+
+__all__ = ["CheckResult", "Layout", "MemoryEstimate", "check_recipe", "format_result"]
+
+GIB = 1024**3
+_SHAPE_KEYS = (  # policy key -> ModelShape attribute
+    ("num_layers", "num_layers"),
+    ("hidden_size", "hidden_size"),
+    ("num_attention_heads", "num_attention_heads"),
+    ("num_moe_experts", "num_experts"),
+    ("moe_router_topk", "topk"),
+    ("ffn_hidden_size", "moe_ffn_hidden_size"),
+)
+_CACHE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@dataclass
+class Layout:
+    """Parallel sizes of a run (NeMo-RL names under ``policy.``)."""
+
+    world: int
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int = 1
+    cp: int = 1
+    vpp: int | None = None
+    sequence_parallel: bool = False
+
+    @property
+    def dp(self) -> int:
+        return self.world // (self.tp * self.pp * self.cp)
+
+    @property
+    def edp(self) -> int:
+        return self.world // (self.etp * self.ep * self.pp)
+
+    def describe(self) -> str:
+        vpp = f" VPP{self.vpp}" if self.vpp else ""
+        sp = " SP" if self.sequence_parallel else ""
+        return (
+            f"world {self.world} = TP{self.tp} x PP{self.pp} x CP{self.cp} x DP{self.dp}; "
+            f"experts EP{self.ep} x ETP{self.etp} x EDP{self.edp}{vpp}{sp}"
+        )
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per GPU (``device``) and per training process on the host (``host``)."""
+
+    device: dict[str, float] = field(default_factory=dict)
+    host: dict[str, float] = field(default_factory=dict)
+    tokens_per_rank: int = 0
+
+    @property
+    def device_total(self) -> float:
+        return sum(self.device.values())
+
+
+@dataclass
+class CheckResult:
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    layout: Layout | None = None
+    shape: ModelShape | None = None
+    shape_source: str = ""
+    memory: MemoryEstimate | None = None
+    cluster: LaunchSpec | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def _layout(recipe: Recipe, world: int) -> Layout:
+    policy = recipe.section("policy")
+
+    def size(key: str, default: int | None) -> int | None:
+        value = policy.get(key, default)
+        if value is None:
+            return None
+        if isinstance(value, bool) or int(value) < 1:
+            raise RecipeError(f"policy.{key} must be a positive integer, got {value!r}")
+        return int(value)
+
+    tp = size("tensor_model_parallel_size", 1) or 1
+    etp = size("expert_tensor_parallel_size", None)
+    return Layout(
+        world=world,
+        tp=tp,
+        pp=size("pipeline_model_parallel_size", 1) or 1,
+        ep=size("expert_model_parallel_size", 1) or 1,
+        etp=etp if etp is not None else tp,  # megatron's default: ETP = TP
+        cp=size("context_parallel_size", 1) or 1,
+        vpp=size("virtual_pipeline_model_parallel_size", None),
+        sequence_parallel=bool(policy.get("sequence_parallel", False)),
+    )
+
+
+def _check_parallel(shape: ModelShape, lay: Layout, errors: list[str], warn: list[str]) -> None:
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            errors.append(message)
+
+    w = lay.world
+    need(
+        w % (lay.tp * lay.pp * lay.cp) == 0,
+        f"world size {w} is not divisible by TP*PP*CP = {lay.tp}*{lay.pp}*{lay.cp}",
+    )
+    need(
+        w % (lay.etp * lay.ep * lay.pp) == 0,
+        f"world size {w} is not divisible by ETP*EP*PP = {lay.etp}*{lay.ep}*{lay.pp} "
+        "(policy.expert_tensor_parallel_size defaults to TP)",
+    )
+    need(
+        shape.num_attention_heads % lay.tp == 0,
+        f"policy.tensor_model_parallel_size={lay.tp} does not divide the "
+        f"{shape.num_attention_heads} attention heads",
+    )
+    need(
+        shape.num_query_groups % lay.tp == 0,
+        f"policy.tensor_model_parallel_size={lay.tp} does not divide the "
+        f"{shape.num_query_groups} key/value heads (query groups)",
+    )
+    need(
+        shape.num_experts % lay.ep == 0,
+        f"policy.expert_model_parallel_size={lay.ep} does not divide the "
+        f"{shape.num_experts} routed experts",
+    )
+    stages = lay.pp * (lay.vpp or 1)
+    need(
+        shape.num_layers % stages == 0,
+        f"pipeline stages PP*VPP = {stages} do not divide the {shape.num_layers} layers",
+    )
+    if lay.vpp and lay.pp == 1:
+        errors.append("policy.virtual_pipeline_model_parallel_size needs pipeline parallelism > 1")
+    need(
+        shape.moe_ffn_hidden_size % lay.etp == 0,
+        f"expert tensor parallel size {lay.etp} does not divide the expert FFN "
+        f"({shape.moe_ffn_hidden_size})",
+    )
+    for name, size in (
+        ("dense FFN", shape.dense_ffn_hidden_size if shape.dense_layers else 0),
+        ("shared-expert FFN", shape.shared_expert_ffn_hidden_size),
+    ):
+        need(
+            size % lay.tp == 0,
+            f"policy.tensor_model_parallel_size={lay.tp} does not divide the {name} ({size})",
+        )
+    if lay.tp > 1 and lay.ep > 1 and not lay.sequence_parallel:
+        errors.append(
+            "MoE with tensor and expert parallelism needs policy.sequence_parallel=true "
+            "(megatron-core: 'sequence parallelism must be used')"
+        )
+    if lay.sequence_parallel and lay.tp == 1:
+        warn.append("policy.sequence_parallel=true is a no-op at TP=1")
+
+
+def _check_shape(recipe: Recipe, shape: ModelShape, errors: list[str]) -> None:
+    policy = recipe.section("policy")
+    for key, attr in _SHAPE_KEYS:
+        if key in policy and int(policy[key]) != int(getattr(shape, attr)):
+            errors.append(
+                f"policy.{key}={policy[key]} does not match the model's {attr} "
+                f"({getattr(shape, attr)})"
+            )
+    if shape.topk > shape.num_experts:
+        errors.append(f"top-k {shape.topk} exceeds the {shape.num_experts} experts")
+
+
+def _narrow_bytes(max_id: int) -> int:
+    for size in (1, 2, 4):
+        if max_id <= 2 ** (8 * size - 1) - 1:
+            return size
+    return 8
+
+
+def estimate_memory(shape: ModelShape, lay: Layout, recipe: Recipe, mode: str) -> MemoryEstimate:
+    """The per-GPU estimate documented in this module's docstring."""
+    h, n = shape.hidden_size, shape.num_experts
+    embeddings = shape.vocab_size * h * (1 if shape.tie_word_embeddings else 2)
+    per_stage_embeddings = embeddings if lay.pp == 1 else shape.vocab_size * h
+    body = shape.non_expert_params() - embeddings
+    p_dense = body / (lay.pp * lay.tp) + per_stage_embeddings / lay.tp
+    moe_per_stage = math.ceil(shape.moe_layers / lay.pp)
+    p_expert = moe_per_stage * (n / lay.ep) * 3 * h * shape.moe_ffn_hidden_size / lay.etp
+    est = MemoryEstimate()
+    est.device["weights (bf16)"] = 2 * (p_dense + p_expert)
+    est.device["grads (fp32)"] = 4 * (p_dense + p_expert)
+    est.device["optimizer (Adam, distributed)"] = 12 * (p_dense / lay.dp + p_expert / lay.edp)
+    if mode in ("pr2", "pr2_r3"):
+        p_pred = moe_per_stage * h * n
+        est.device["predictor (fp32 + grad + Adam)"] = 8 * p_pred + 8 * p_pred / lay.dp
+
+    grpo = recipe.section("grpo")
+    batch = int(grpo.get("num_prompts_per_step", 1)) * int(
+        grpo.get("num_generations_per_prompt", 1)
+    )
+    seq = recipe.get("policy.max_total_sequence_length") or 0
+    sp_split = lay.tp if lay.sequence_parallel else 1
+    tokens = math.ceil(batch * int(seq) / (lay.dp * lay.cp * sp_split)) if seq else 0
+    est.tokens_per_rank = tokens
+    if mode != "none":
+        est.device["route payloads (int64)"] = tokens * moe_per_stage * shape.topk * 8
+    if mode in ("r3", "pr2_r3"):
+        narrow = _narrow_bytes(n - 1)
+        est.host["engine route payloads"] = tokens * moe_per_stage * shape.topk * narrow
+    if mode in ("pr2", "pr2_r3"):
+        pred = recipe.get("policy.router_replay.predictor") or {}
+        keep = float(pred.get("cache_keep_fraction", 0.03))
+        cap = int(pred.get("cache_tokens_per_step", 65536))
+        width = _CACHE_BYTES.get(str(pred.get("cache_dtype", "bf16")), 2)
+        cached = min(math.ceil(keep * tokens), cap)
+        est.host["feature cache"] = cached * moe_per_stage * (h + n) * width
+    return est
+
+
+def check_recipe(recipe: Recipe, cluster_flags: dict[str, Any] | None = None) -> CheckResult:
+    """Run every check; never raises for a bad recipe, returns the messages instead."""
+    result = CheckResult()
+    errors, warn = result.errors, result.warnings
+    try:
+        result.cluster = cluster_from_section(recipe.section("cluster"), cluster_flags or {})
+    except (ValueError, TypeError) as exc:
+        errors.append(f"cluster: {exc}")
+        return result
+    try:
+        from megatron_pr2.rl.config import config_from_dict
+
+        config = config_from_dict(trainer_values(recipe, strict=False))
+    except (ValueError, TypeError) as exc:
+        errors.append(f"trainer config: {exc}")
+        return result
+    try:
+        if recipe.section("model"):
+            hf, result.shape_source = load_hf_config(recipe.section("model"), recipe.base_dir)
+            shape = result.shape = shape_from_hf(hf)
+        else:
+            result.shape_source = "the trainer's tiny GPT (no model: section)"
+            shape = result.shape = shape_from_policy(recipe.section("policy"))
+    except (KeyError, ValueError, FileNotFoundError) as exc:
+        errors.append(f"model: {exc.args[0] if exc.args else exc}")
+        return result
+    try:
+        lay = result.layout = _layout(recipe, result.cluster.world_size)
+    except (ValueError, TypeError) as exc:
+        errors.append(str(exc))
+        return result
+    _check_shape(recipe, shape, errors)
+    _check_parallel(shape, lay, errors, warn)
+
+    g = config.grpo
+    batch = g.num_prompts_per_step * g.num_generations_per_prompt
+    mini = batch // g.off_policy_steps
+    mbs = config.policy.micro_batch_size
+    if lay.dp >= 1 and mini % (lay.dp * mbs):
+        errors.append(
+            f"mini-batch of {mini} samples (batch {batch} / off_policy_steps "
+            f"{g.off_policy_steps}) does not split into whole micro-batches of {mbs} over "
+            f"DP={lay.dp} ranks"
+        )
+    seq = config.policy.max_total_sequence_length
+    if seq is not None:
+        if shape.max_position_embeddings and seq > shape.max_position_embeddings:
+            errors.append(
+                f"policy.max_total_sequence_length={seq} exceeds the model's "
+                f"max_position_embeddings ({shape.max_position_embeddings})"
+            )
+        if lay.cp > 1 and seq % (2 * lay.cp):
+            errors.append(
+                f"policy.max_total_sequence_length={seq} is not divisible by 2*CP={2 * lay.cp}"
+            )
+    pending = unsupported_parallel_keys(recipe)
+    if pending:
+        warn.append(
+            "the trainer in this checkout has no "
+            + ", ".join(p.split("=")[0] for p in pending)
+            + " yet: pr2 launch refuses this layout until it does"
+        )
+    mode = config.policy.router_replay.mode
+    if errors:
+        return result
+    result.memory = estimate_memory(shape, lay, recipe, mode)
+    cap = result.cluster.gpu_memory_gb
+    if cap and result.cluster.uses_gpus:
+        used = result.memory.device_total / GIB
+        if used > cap:
+            errors.append(
+                f"static memory {used:.1f} GiB per GPU exceeds cluster.gpu_memory_gb={cap} "
+                "before activations: raise PP/EP or the node count"
+            )
+        elif used > 0.8 * cap:
+            warn.append(
+                f"static memory {used:.1f} GiB is over 80% of {cap} GiB; activations come on top"
+            )
+    return result
+
+
+def _fmt(num_bytes: float) -> str:
+    if num_bytes >= 0.1 * GIB:
+        return f"{num_bytes / GIB:9.2f} GiB"
+    return f"{num_bytes / 1024**2:9.2f} MiB"
+
+
+def format_result(recipe: Recipe, result: CheckResult) -> str:
+    """Human-readable report: verdict, layout, memory table."""
+    name = str(recipe.path) if recipe.path else "<overrides>"
+    if recipe.variants_applied:
+        name += f" [variants: {', '.join(recipe.variants_applied)}]"
+    lines = [f"recipe {name}"]
+    if result.shape is not None:
+        s = result.shape
+        lines.append(
+            f"  model    {s.model_type}: {s.num_layers} layers ({s.moe_layers} MoE), hidden "
+            f"{s.hidden_size}, {s.num_experts} experts top-{s.topk}, "
+            f"{s.total_params() / 1e9:.2f} B params ({result.shape_source})"
+        )
+    if result.layout is not None:
+        lines.append(f"  layout   {result.layout.describe()}")
+    if result.memory is not None:
+        mem = result.memory
+        lines.append(
+            f"  memory per GPU (static, no activations; {mem.tokens_per_rank} tokens/rank/step):"
+        )
+        for key, value in mem.device.items():
+            lines.append(f"    {key:<32}{_fmt(value)}")
+        lines.append(f"    {'total (device)':<32}{_fmt(mem.device_total)}")
+        for key, value in mem.host.items():
+            lines.append(f"    {key + ' (host)':<32}{_fmt(value)}")
+    for message in result.warnings:
+        lines.append(f"  warning: {message}")
+    for message in result.errors:
+        lines.append(f"  error: {message}")
+    lines.append("  OK" if result.ok else f"  FAILED ({len(result.errors)} error(s))")
+    return "\n".join(lines)
