@@ -30,7 +30,7 @@ from megatron_pr2.convert.model import (
 )
 from megatron_pr2.convert.progress import progress
 from megatron_pr2.convert.runtime import init_parallel_state, world_size
-from megatron_pr2.convert.safetensors_io import SafetensorsReader
+from megatron_pr2.convert.safetensors_io import PREDICTOR_FILE, SafetensorsReader
 
 _DTYPE_NAMES = {"float32", "bfloat16", "float16"}
 
@@ -121,6 +121,12 @@ def hf_to_mcore(
     )
     layout.check(description.transformer_config, description.vocab_size, world_size())
     reader = SafetensorsReader(hf_dir)
+    side = Path(hf_dir) / PREDICTOR_FILE
+    predictor_reader = (
+        SafetensorsReader(hf_dir, only=PREDICTOR_FILE)
+        if with_predictor and side.is_file()
+        else None
+    )
     description.saved_layout = layout.to_dict()
     stats = ConversionStats()
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
@@ -128,7 +134,7 @@ def hf_to_mcore(
         replay = RouterReplayConfig(mode="pr2" if with_predictor else "none")
         chunks = build_model_chunks_from_description(description, replay)
         ranks = Ranks.current(shape.num_experts)
-        loader = HFToMegatron(arch, shape, reader, ranks, description.vocab_size)
+        loader = HFToMegatron(arch, shape, reader, ranks, description.vocab_size, predictor_reader)
         error: BaseException | None = None
         try:
             refs = [item for chunk in chunks for item in classify(chunk, ranks)]

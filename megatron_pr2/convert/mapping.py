@@ -133,9 +133,11 @@ class HFToMegatron:
         reader: SafetensorsReader,
         ranks: Ranks,
         padded_vocab_size: int,
+        predictor_reader: SafetensorsReader | None = None,
     ) -> None:
         self.arch, self.s, self.reader, self.ranks = arch, shape, reader, ranks
         self.padded_vocab_size = padded_vocab_size
+        self.predictor_reader = predictor_reader
 
     # ---- HF names and expected shapes
     def _n(self, template: str, ref: ParamRef, expert: int | None = None) -> str:
@@ -192,7 +194,9 @@ class HFToMegatron:
             name = self.arch.experts.fused_router if self._fused(ref) else self.arch.experts.router
             return self.reader.get(self._n(name, ref), (s.num_experts, hidden))
         if role == "predictor":
-            return torch.zeros(s.num_experts, hidden)
+            if self.predictor_reader is None:
+                return torch.zeros(s.num_experts, hidden)
+            return self.predictor_reader.get(ref.global_name, (s.num_experts, hidden))
         if role in ("expert_fc1", "expert_fc2"):
             return self._expert(ref)
         if role == "dense_fc1":

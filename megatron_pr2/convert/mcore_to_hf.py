@@ -29,9 +29,8 @@ from megatron_pr2.convert.model import (
 )
 from megatron_pr2.convert.progress import progress
 from megatron_pr2.convert.runtime import init_parallel_state, world_size
-from megatron_pr2.convert.safetensors_io import ShardedSafetensorsWriter
+from megatron_pr2.convert.safetensors_io import PREDICTOR_FILE, ShardedSafetensorsWriter
 
-PREDICTOR_FILE = "pr2_predictor.safetensors"
 EXPERT_LAYOUTS = ("per_expert", "fused")
 
 
@@ -50,6 +49,7 @@ def _checkpoint_has_predictor(ckpt_dir: Path) -> bool:
 def load_chunks(ckpt_dir: Path, description: ModelDescription) -> list:
     """World-1 chunks with the checkpoint's weights (a missing tensor names its key)."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     from megatron_pr2.config import RouterReplayConfig
 
@@ -62,8 +62,10 @@ def load_chunks(ckpt_dir: Path, description: ModelDescription) -> list:
     }
     try:
         loaded = dist_checkpointing.load(state, str(ckpt_dir))
-    except Exception as exc:
-        raise ConversionError(f"{ckpt_dir}: cannot load the checkpoint: {exc}") from None
+    except (Exception, CheckpointException) as exc:  # torch's is a BaseException
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = lines[-1] if lines else type(exc).__name__
+        raise ConversionError(f"{ckpt_dir}: cannot load the checkpoint: {reason}") from None
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded[checkpoint_state_key(len(chunks), i)])
     return chunks

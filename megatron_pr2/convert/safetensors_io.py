@@ -19,6 +19,8 @@ import torch
 from megatron_pr2.convert.errors import ConversionError
 
 INDEX_NAME = "model.safetensors.index.json"
+#: Side file of PR2 predictor weights next to an HF model (not part of the HF model).
+PREDICTOR_FILE = "pr2_predictor.safetensors"
 _DTYPE_BYTES = {
     "F64": 8,
     "F32": 4,
@@ -74,16 +76,21 @@ def read_header(path: Path) -> dict[str, dict[str, Any]]:
 
 
 class SafetensorsReader:
-    """Lazy, validated access to the tensors of an HF folder (one file or an index)."""
+    """Lazy, validated access to the tensors of an HF folder (one file or an index), or of
+    the single file ``only``."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, only: str | None = None) -> None:
         self.folder = Path(folder)
         index = self.folder / INDEX_NAME
-        if index.is_file():
+        if only is not None:
+            files, weight_map = [only], {}
+        elif index.is_file():
             weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
             files = sorted(set(weight_map.values()))
         else:
-            files = sorted(p.name for p in self.folder.glob("*.safetensors"))
+            files = sorted(
+                p.name for p in self.folder.glob("*.safetensors") if p.name != PREDICTOR_FILE
+            )
             weight_map = {}
         if not files:
             raise ConversionError(f"{self.folder}: no *.safetensors files")
