@@ -61,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--save-predictor", action="store_true", help="write pr2_predictor.safetensors too"
     )
     to_hf.add_argument("--max-shard-size", type=_size, default=2 * 1024**3)
+    to_hf.add_argument(
+        "--description", default=None, help="pr2_model.json if not inside CKPT_DIR (trained ckpt)"
+    )
     for sub in (to_mcore, to_hf):
         sub.add_argument("--overwrite", action="store_true", help="replace an existing output")
         sub.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -187,6 +190,7 @@ def run(args: argparse.Namespace, launcher: Launcher | None = None) -> int:
                 max_shard_bytes=args.max_shard_size,
                 overwrite=args.overwrite,
                 show_progress=not args.no_progress,
+                description_path=args.description,
             )
             _report(args.out_dir, stats)
             return 0

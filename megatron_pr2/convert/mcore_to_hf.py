@@ -89,8 +89,13 @@ def mcore_to_hf(
     max_shard_bytes: int = 2 * 1024**3,
     overwrite: bool = False,
     show_progress: bool = True,
+    description_path: str | Path | None = None,
 ) -> ConversionStats:
-    """Convert a converted (or trained) checkpoint back to an HF folder; world 1 only."""
+    """Convert a converted (or trained) checkpoint back to an HF folder; world 1 only.
+
+    ``description_path``: the ``pr2_model.json`` of the conversion, for a checkpoint the
+    trainer wrote elsewhere (default: the one inside ``ckpt_dir``).
+    """
     start = time.perf_counter()
     if expert_layout not in EXPERT_LAYOUTS:
         raise ConversionError(
@@ -99,7 +104,7 @@ def mcore_to_hf(
     if world_size() != 1:
         raise ConversionError("mcore-to-hf runs on one process (it reads any saved layout)")
     ckpt_dir = Path(ckpt_dir)
-    description = load_converted_model_description(ckpt_dir)
+    description = load_converted_model_description(description_path or ckpt_dir)
     arch = architecture_for(description.hf_config)
     shape = read_shape(description.hf_config)
     fused = expert_layout == "fused"

@@ -157,3 +157,48 @@ def test_description_records_what_the_trainer_needs(world1, tmp_path):
     assert payload["transformer_config"]["moe_router_pre_softmax"] is False
     assert payload["rotary_base"] == 1_000_000.0
     assert payload["hf_config"]["model_type"] == "mixtral"
+
+
+def test_converted_checkpoint_trains_and_converts_back(world1, tmp_path):
+    """The trainer's path: rebuild from the description, load with the project's
+    ``load_checkpoint``, take optimizer steps, save, and convert the trained checkpoint back."""
+    import transformers
+
+    from megatron_pr2.config import RouterReplayConfig
+    from megatron_pr2.models.gpt import LMBatch
+    from megatron_pr2.models.training import (
+        load_checkpoint,
+        save_checkpoint,
+        setup_training,
+        train_step,
+    )
+
+    model = build_hf_model("qwen3_moe", seed=5)
+    save(model, tmp_path / "hf")
+    description, _ = hf_to_mcore(tmp_path / "hf", tmp_path / "mcore", show_progress=False)
+    chunks = build_model_chunks_from_description(description, RouterReplayConfig(mode="pr2"))
+    setup = setup_training(chunks, lr=1e-3)
+    load_checkpoint(setup, tmp_path / "mcore", load_optimizer=False)
+    tokens = _tokens()
+    assert (mcore_logits(chunks, tokens) - hf_logits(model, tokens)).abs().max().item() <= TOL
+
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(3):
+        chunks[0].train()
+        batches = [LMBatch.random(2, 12, 96, gen) for _ in range(2)]
+        step_losses, _ = train_step(setup, batches)
+        losses.append(float(step_losses[0]["lm_loss"]))
+    assert all(torch.isfinite(torch.tensor(losses)))
+    save_checkpoint(setup, tmp_path / "trained")
+
+    mcore_to_hf(
+        tmp_path / "trained",
+        tmp_path / "back",
+        description_path=tmp_path / "mcore",
+        show_progress=False,
+    )
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").float().eval()
+    trained_logits = mcore_logits(chunks, tokens)
+    assert (hf_logits(reloaded, tokens) - trained_logits).abs().max().item() <= TOL
+    assert (hf_logits(reloaded, tokens) - hf_logits(model, tokens)).abs().max().item() > 1e-3
