@@ -22,7 +22,6 @@ from megatron_pr2.convert.hf_config import HFModelShape
 from megatron_pr2.convert.safetensors_io import SafetensorsReader
 from megatron_pr2.convert.transforms import (
     fuse_qkv,
-    gate_up_shard,
     shard,
     split_gate_up,
     split_qkv,
@@ -146,13 +145,24 @@ class HFToMegatron:
     def _fused(self, ref: ParamRef) -> bool:
         return self._n(self.arch.experts.fused_gate_up, ref) in self.reader
 
+    def _part(
+        self, name: str, shape: tuple[int, ...], dim: int, rank: int, size: int, lead: tuple = ()
+    ) -> torch.Tensor:
+        """Rank ``rank``'s chunk (of ``size``) along ``dim`` of ``name[lead]``, reading only that
+        chunk from disk. ``shape`` is the full on-disk shape (checked); ``dim`` counts after
+        ``lead``."""
+        sub_shape = shape[len(lead) :]
+        step = sub_shape[dim] // size
+        index = (*lead, *([slice(None)] * dim), slice(rank * step, (rank + 1) * step))
+        return self.reader.get(name, shape, index=index)
+
     def _vocab_rows(self, name: str) -> torch.Tensor:
         s, r = self.s, self.ranks
+        if self.padded_vocab_size == s.vocab_size:
+            return self._part(name, (s.vocab_size, s.hidden_size), 0, r.tp_rank, r.tp_size)
         full = self.reader.get(name, (s.vocab_size, s.hidden_size))
-        if self.padded_vocab_size > s.vocab_size:
-            pad = full.new_zeros(self.padded_vocab_size - s.vocab_size, s.hidden_size)
-            full = torch.cat([full, pad])
-        return shard(full, 0, r.tp_rank, r.tp_size)
+        pad = full.new_zeros(self.padded_vocab_size - s.vocab_size, s.hidden_size)
+        return shard(torch.cat([full, pad]), 0, r.tp_rank, r.tp_size)
 
     def load(self, ref: ParamRef) -> torch.Tensor:
         """The rank-local value of ``ref`` (same shape as the parameter)."""
@@ -177,18 +187,20 @@ class HFToMegatron:
         if role == "pre_mlp_norm":
             return self.reader.get(self._n(A.HF_POST_ATTN_NORM, ref), (hidden,))
         if role == "qkv":
-            q = self.reader.get(self._n(names["q"], ref), (heads * hd, hidden))
-            k = self.reader.get(self._n(names["k"], ref), (kv * hd, hidden))
-            v = self.reader.get(self._n(names["v"], ref), (kv * hd, hidden))
-            return shard(fuse_qkv(q, k, v, kv, hd), 0, r.tp_rank, r.tp_size)
+            # the rank's query groups are contiguous rows of q, k and v: read only those
+            tp = (r.tp_rank, r.tp_size)
+            q = self._part(self._n(names["q"], ref), (heads * hd, hidden), 0, *tp)
+            k = self._part(self._n(names["k"], ref), (kv * hd, hidden), 0, *tp)
+            v = self._part(self._n(names["v"], ref), (kv * hd, hidden), 0, *tp)
+            return fuse_qkv(q, k, v, kv // r.tp_size, hd)
         if role == "proj":
-            o = self.reader.get(self._n(names["o"], ref), (hidden, heads * hd))
-            return shard(o, 1, r.tp_rank, r.tp_size)
+            return self._part(
+                self._n(names["o"], ref), (hidden, heads * hd), 1, r.tp_rank, r.tp_size
+            )
         if role in ("q_norm", "k_norm"):
             count = heads if role == "q_norm" else kv
             if self.arch.qk_norm == "full":
-                full = self.reader.get(self._n(names[role], ref), (count * hd,))
-                return shard(full, 0, r.tp_rank, r.tp_size)
+                return self._part(self._n(names[role], ref), (count * hd,), 0, r.tp_rank, r.tp_size)
             return self.reader.get(self._n(names[role], ref), (hd,))
         if role == "router":
             name = self.arch.experts.fused_router if self._fused(ref) else self.arch.experts.router
@@ -201,34 +213,35 @@ class HFToMegatron:
             return self._expert(ref)
         if role == "dense_fc1":
             ffn = s.dense_ffn_hidden_size
-            gate = self.reader.get(self._n(A.HF_DENSE_MLP["gate"], ref), (ffn, hidden))
-            up = self.reader.get(self._n(A.HF_DENSE_MLP["up"], ref), (ffn, hidden))
-            return gate_up_shard(gate, up, r.tp_rank, r.tp_size)
+            tp = (r.tp_rank, r.tp_size)
+            gate = self._part(self._n(A.HF_DENSE_MLP["gate"], ref), (ffn, hidden), 0, *tp)
+            up = self._part(self._n(A.HF_DENSE_MLP["up"], ref), (ffn, hidden), 0, *tp)
+            return torch.cat([gate, up])
         if role == "dense_fc2":
             ffn = s.dense_ffn_hidden_size
-            down = self.reader.get(self._n(A.HF_DENSE_MLP["down"], ref), (hidden, ffn))
-            return shard(down, 1, r.tp_rank, r.tp_size)
+            name = self._n(A.HF_DENSE_MLP["down"], ref)
+            return self._part(name, (hidden, ffn), 1, r.tp_rank, r.tp_size)
         raise ConversionError(f"megatron parameter {ref.name!r}: no rule for role {role!r}")
 
     def _expert(self, ref: ParamRef) -> torch.Tensor:
-        s, r, e, names = self.s, self.ranks, ref.expert, self.arch.experts
+        """One expert's ETP shard, read expert by expert (and chunk by chunk) from either
+        on-disk layout."""
+        s, e, names = self.s, ref.expert, self.arch.experts
         ffn, hidden, num = s.moe_ffn_hidden_size, s.hidden_size, s.num_experts
+        etp = (self.ranks.etp_rank, self.ranks.etp_size)
         if self._fused(ref):
-            if ref.role == "expert_fc1":
-                name = self._n(names.fused_gate_up, ref)
-                both = self.reader.get(name, (num, 2 * ffn, hidden), index=e)
-                gate, up = split_gate_up(both)
-            else:
+            if ref.role == "expert_fc2":
                 name = self._n(names.fused_down, ref)
-                down = self.reader.get(name, (num, hidden, ffn), index=e)
-        elif ref.role == "expert_fc1":
-            gate = self.reader.get(self._n(names.gate, ref, e), (ffn, hidden))
-            up = self.reader.get(self._n(names.up, ref, e), (ffn, hidden))
-        else:
-            down = self.reader.get(self._n(names.down, ref, e), (hidden, ffn))
-        if ref.role == "expert_fc1":
-            return gate_up_shard(gate, up, r.etp_rank, r.etp_size)
-        return shard(down, 1, r.etp_rank, r.etp_size)
+                return self._part(name, (num, hidden, ffn), 1, *etp, lead=(e,))
+            name = self._n(names.fused_gate_up, ref)
+            # [E, 2I, H]: gate rows, then up rows; the rank's chunk of each
+            halves = self._part(name, (num, 2 * ffn, hidden), 0, 0, 1, lead=(e,)).chunk(2)
+            return torch.cat([shard(h, 0, *etp) for h in halves])
+        if ref.role == "expert_fc2":
+            return self._part(self._n(names.down, ref, e), (hidden, ffn), 1, *etp)
+        gate = self._part(self._n(names.gate, ref, e), (ffn, hidden), 0, *etp)
+        up = self._part(self._n(names.up, ref, e), (ffn, hidden), 0, *etp)
+        return torch.cat([gate, up])
 
 
 def to_hf(
