@@ -7,6 +7,7 @@ every offending setting before any process starts work.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -25,10 +26,10 @@ class ConvertLayout:
 
     @property
     def model_parallel_size(self) -> int:
-        """Processes one model replica needs (the minimum world size)."""
+        """The smallest world size that holds both the dense and the expert layout."""
         dense = self.tp * self.pp
         expert = self.ep * (self.etp or self.tp) * self.pp
-        return max(dense, expert)
+        return math.lcm(dense, expert)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -105,6 +105,9 @@ def test_layout_lists_every_problem():
     ):
         assert part in message
     ConvertLayout(tp=2, ep=2).check(kwargs, 64, world_size=4)
+    assert ConvertLayout(tp=2, ep=2).model_parallel_size == 4  # ETP defaults to TP
+    assert ConvertLayout(tp=2, ep=2, etp=1).model_parallel_size == 2
+    assert ConvertLayout(tp=2, ep=4, etp=1, pp=2).model_parallel_size == 8
 
 
 def test_cli_parses_both_directions():
