@@ -79,6 +79,8 @@ class SafetensorsReader:
     """Lazy, validated access to the tensors of an HF folder (one file or an index), or of
     the single file ``only``."""
 
+    UNMAP_EVERY_BYTES = 64 * 1024**2
+
     def __init__(self, folder: str | Path, only: str | None = None) -> None:
         self.folder = Path(folder)
         index = self.folder / INDEX_NAME
@@ -109,6 +111,7 @@ class SafetensorsReader:
                     f"{INDEX_NAME}: tensor {tensor!r} is mapped to {name} but is not in it"
                 )
         self._handles: dict[Path, Any] = {}
+        self._mapped_bytes = 0
         self.read_names: set[str] = set()
 
     def __contains__(self, name: str) -> bool:
@@ -149,9 +152,19 @@ class SafetensorsReader:
             )
         self.read_names.add(name)
         handle = self._handle(name)
-        if index is None:
-            return handle.get_tensor(name)
-        return handle.get_slice(name)[index]
+        tensor = handle.get_tensor(name) if index is None else handle.get_slice(name)[index]
+        # safe_open maps the file: the pages read stay resident (counted in RSS) while it is
+        # open. Tensors come back as copies, so unmap every so often to keep memory flat.
+        start, end = self._entries[name]["data_offsets"]
+        self._mapped_bytes += end - start
+        if self._mapped_bytes >= self.UNMAP_EVERY_BYTES:
+            self.close()
+        return tensor
+
+    def close(self) -> None:
+        """Drop the open file handles (and their memory maps)."""
+        self._handles.clear()
+        self._mapped_bytes = 0
 
 
 class ShardedSafetensorsWriter:

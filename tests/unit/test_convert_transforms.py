@@ -123,3 +123,21 @@ def test_cli_parses_both_directions():
     assert args.handler is convert.run
     args = parser.parse_args(["convert", "mcore-to-hf", "a", "b", "--max-shard-size", "1GB"])
     assert args.max_shard_size == 1024**3 and args.expert_layout == "per_expert"
+
+
+def test_reader_unmaps_while_streaming_and_reads_slices(tmp_path):
+    from safetensors.torch import save_file
+
+    from megatron_pr2.convert.safetensors_io import SafetensorsReader
+
+    tensors = {f"t{i}": torch.randn(64, 32) for i in range(6)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    reader = SafetensorsReader(tmp_path)
+    reader.UNMAP_EVERY_BYTES = 3 * 64 * 32 * 4  # drop the map after every third tensor
+    for i in range(6):
+        assert torch.equal(reader.get(f"t{i}", (64, 32)), tensors[f"t{i}"])
+        assert len(reader._handles) == (0 if i % 3 == 2 else 1)
+    part = reader.get("t4", (64, 32), index=(slice(None), slice(8, 16)))
+    assert torch.equal(part, tensors["t4"][:, 8:16])
+    with pytest.raises(ConversionError, match=r"tensor 't1': shape \[64, 32\] does not match"):
+        reader.get("t1", (32, 64))
