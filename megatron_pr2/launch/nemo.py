@@ -10,6 +10,11 @@ Traps this module handles (found by running nemo-run 0.11.1 against a real SLURM
   nemo-run writes the sbatch script; ``--job-dir`` therefore sets nemo-run's home.
 * The default packager wants a git commit; jobs run from the submitting checkout instead
   (``run.Packager()``), so the nodes must share its file system (or a container holds it).
+* nemo-run rewrites ``/nemo_run`` in job paths (the run folder inside a container), so a home
+  below a folder named ``nemo_run`` gets a mangled ``--output`` path and the job dies before
+  it starts (``LaunchSpec`` refuses such a ``job_dir``).
+* torchx and srun find ``torchrun`` on PATH: without a container, the launching venv's
+  ``bin`` goes first on PATH (sbatch exports the submitter's environment to the job).
 * ``exp.run`` does not raise when the job fails: read the state back with :func:`job_status`
   (``Experiment.from_id``), which needs SLURM accounting (``sacct``) on SLURM.
 * The job's working directory is nemo-run's per-job ``code`` folder, so relative paths in the
@@ -36,6 +41,7 @@ __all__ = [
     "LaunchResult",
     "build_executor",
     "build_task",
+    "ensure_venv_on_path",
     "job_status",
     "launch",
     "nemo_run_home",
@@ -84,6 +90,16 @@ def write_trainer_config(
         header += f" (variants: {', '.join(recipe.variants_applied)})"
     out.write_text(header + "\n" + yaml.safe_dump(values, sort_keys=False))
     return out
+
+
+def ensure_venv_on_path() -> None:
+    """Put this interpreter's ``bin`` first on PATH: torchx starts ``torchrun`` from PATH, and
+    sbatch hands the submitter's environment to the job (an unactivated venv would otherwise
+    fail with ``execve(): torchrun: No such file or directory``)."""
+    bin_dir = str(Path(sys.executable).parent)
+    parts = os.environ.get("PATH", "").split(os.pathsep)
+    if not parts or parts[0] != bin_dir:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, *[p for p in parts if p != bin_dir]])
 
 
 def build_task(spec: LaunchSpec, config_path: Path) -> Any:
@@ -162,6 +178,8 @@ def launch(
 
     home = nemo_run_home(spec)
     set_nemorun_home(str(home))
+    if not spec.container_image:
+        ensure_venv_on_path()
     pending = unsupported_parallel_keys(recipe)
     if dryrun and pending:
         print(

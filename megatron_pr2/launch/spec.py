@@ -29,7 +29,8 @@ class LaunchSpec:
         entry: ``pr2`` (``pr2 train``, CUDA), ``examples`` (``python examples/train.py``, the
             CPU path with the test-only shim) or ``auto`` (``pr2`` when GPUs are requested).
         job_dir: nemo-run's home (its ``experiments/`` folder holds the sbatch scripts, logs
-            and the resolved trainer configs); must be on a file system the nodes share.
+            and the resolved trainer configs); must be on a file system the nodes share, and
+            no folder on its path may be named ``nemo_run``.
         gpu_memory_gb: device memory per GPU, for ``check-recipe``'s capacity check.
         sbatch: extra ``#SBATCH`` parameters (``{qos: high, exclusive: true}``).
     """
@@ -66,6 +67,13 @@ class LaunchSpec:
             raise ValueError(f"cluster.time must be [D-]HH:MM:SS, got {self.time!r}")
         if self.executor == "local" and int(self.nodes) != 1:
             raise ValueError("cluster.executor=local runs on this machine: nodes must be 1")
+        if self.job_dir and "nemo_run" in Path(str(self.job_dir)).expanduser().parts:
+            # nemo-run rewrites "/nemo_run" in job paths (its in-container run dir), which
+            # mangles the sbatch --output path of a job dir below a folder of that name.
+            raise ValueError(
+                f"cluster.job_dir={self.job_dir!r}: no folder of the path may be named "
+                "'nemo_run' (nemo-run rewrites it); the default ~/.nemo_run is fine"
+            )
         self.env = {str(k): str(v) for k, v in (self.env or {}).items()}
         self.container_mounts = [str(m) for m in (self.container_mounts or [])]
 

@@ -141,6 +141,7 @@ def _layout(recipe: Recipe, world: int) -> Layout:
 
     tp = size("tensor_model_parallel_size", 1) or 1
     etp = size("expert_tensor_parallel_size", None)
+    sp = policy.get("sequence_parallel")
     return Layout(
         world=world,
         tp=tp,
@@ -149,7 +150,8 @@ def _layout(recipe: Recipe, world: int) -> Layout:
         etp=etp if etp is not None else tp,  # megatron's default: ETP = TP
         cp=size("context_parallel_size", 1) or 1,
         vpp=size("virtual_pipeline_model_parallel_size", None),
-        sequence_parallel=bool(policy.get("sequence_parallel", False)),
+        # the trainer's default: sequence parallelism on whenever TP > 1
+        sequence_parallel=bool(sp if sp is not None else tp > 1),
     )
 
 

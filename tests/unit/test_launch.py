@@ -1,0 +1,140 @@
+"""``pr2 launch`` without nemo-run: cluster settings, flags, the trainer config it writes."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_pr2.launch.spec import REPO_ROOT, LaunchSpec, cluster_from_section
+from megatron_pr2.recipes.loader import RecipeError, load_recipe
+
+RECIPES = REPO_ROOT / "examples" / "recipes"
+
+
+def test_spec_defaults_and_world():
+    spec = LaunchSpec()
+    assert (spec.executor, spec.nodes, spec.gpus_per_node, spec.world_size) == ("slurm", 1, 8, 8)
+    assert spec.resolved_entry == "pr2"
+    cpu = LaunchSpec(nodes=2, gpus_per_node=0)
+    assert (cpu.procs_per_node, cpu.world_size, cpu.resolved_entry) == (1, 2, "examples")
+    assert LaunchSpec(gpus_per_node=8, nproc_per_node=4, nodes=2).world_size == 8
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"executor": "k8s"}, "cluster.executor must be slurm or local"),
+        ({"time": "4h"}, "cluster.time must be"),
+        ({"executor": "local", "nodes": 2}, "nodes must be 1"),
+        ({"nodes": 0}, "cluster.nodes must be >= 1"),
+        ({"entry": "python"}, "cluster.entry must be"),
+        ({"job_dir": "/shared/nemo_run/home"}, "may be named 'nemo_run'"),
+    ],
+)
+def test_spec_rejects(values, message):
+    with pytest.raises(ValueError, match=message):
+        LaunchSpec(**values)
+
+
+def test_flags_override_the_recipe():
+    section = {"nodes": 4, "env": {"A": "1"}, "container_mounts": ["/a:/a"], "partition": "p"}
+    spec = cluster_from_section(
+        section,
+        {"nodes": 8, "env": {"B": "2"}, "container_mounts": ["/b:/b"], "partition": None},
+    )
+    assert spec.nodes == 8 and spec.partition == "p"
+    assert spec.env == {"A": "1", "B": "2"}
+    assert spec.container_mounts == ["/a:/a", "/b:/b"]
+    with pytest.raises(ValueError, match=r"unknown config key 'cluster\.gpus'"):
+        cluster_from_section({"gpus": 8})
+
+
+def test_cli_flags_parse():
+    from megatron_pr2.commands import launch as command
+
+    parser = argparse.ArgumentParser()
+    command.register(parser.add_subparsers())
+    args = parser.parse_args(
+        [
+            "launch",
+            "r.yaml",
+            "grpo.max_num_steps=3",
+            "--executor",
+            "slurm",
+            "--nodes",
+            "2",
+            "--env",
+            "A=1",
+            "--env",
+            "B=x=y",
+            "--container-mounts",
+            "/a:/a,/b:/b",
+            "--time",
+            "00:30:00",
+            "--dryrun",
+        ]
+    )
+    flags = command._flags(args)
+    assert args.overrides == ["grpo.max_num_steps=3"] and args.dryrun
+    assert flags["env"] == {"A": "1", "B": "x=y"}
+    assert flags["container_mounts"] == ["/a:/a", "/b:/b"]
+    assert (flags["nodes"], flags["time"], flags["gpus_per_node"]) == (2, "00:30:00", None)
+
+
+def test_launch_commands_are_registered():
+    from megatron_pr2.commands import COMMAND_MODULES
+
+    assert "megatron_pr2.commands.launch" in COMMAND_MODULES
+    assert "megatron_pr2.commands.check_recipe" in COMMAND_MODULES
+
+
+def test_write_trainer_config(tmp_path: Path):
+    """Launch sections stripped, relative output paths absolute, the trainer accepts the file."""
+    from megatron_pr2.launch.nemo import write_trainer_config
+    from megatron_pr2.rl.config import load_config
+
+    recipe = load_recipe(RECIPES / "tiny" / "slurm_2nodes.yaml")
+    path = write_trainer_config(recipe, tmp_path, "t", cwd=tmp_path)
+    values = yaml.safe_load(path.read_text())
+    assert "cluster" not in values and "defaults" not in values
+    assert values["logger"]["log_dir"] == str(tmp_path / "logs" / "tiny_slurm")
+    config = load_config(path)
+    assert config.grpo.max_num_steps == 2
+
+
+def test_submission_refuses_a_layout_the_trainer_lacks(tmp_path: Path):
+    """A parallel size the trainer cannot apply is never dropped silently from a real launch."""
+    import dataclasses
+
+    from megatron_pr2.launch.nemo import write_trainer_config
+    from megatron_pr2.rl.config import PolicyConfig
+
+    if "expert_model_parallel_size" in {f.name for f in dataclasses.fields(PolicyConfig)}:
+        pytest.skip("the trainer supports expert parallelism")
+    recipe = load_recipe(RECIPES / "olmoe_1b_7b" / "pr2.yaml")
+    with pytest.raises(RecipeError, match="expert_model_parallel_size=8"):
+        write_trainer_config(recipe, tmp_path, "t")
+    write_trainer_config(recipe, tmp_path, "t", strict=False)  # dry runs may show it
+
+
+def test_launch_without_nemo_run_says_how_to_install(monkeypatch, capsys):
+    import builtins
+
+    from megatron_pr2.commands import launch as command
+
+    real_import = builtins.__import__
+
+    def no_nemo(name, *args, **kwargs):
+        if name == "nemo_run" or name.startswith("nemo_run."):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_nemo)
+    parser = argparse.ArgumentParser()
+    command.register(parser.add_subparsers())
+    args = parser.parse_args(["launch", str(RECIPES / "tiny" / "slurm_2nodes.yaml"), "--dryrun"])
+    assert command.run(args) == 2
+    assert "nemo-run==0.11.1" in capsys.readouterr().err
