@@ -1,9 +1,12 @@
-"""Run a world-1 GRPO loop from a YAML config with ``key=value`` overrides::
+"""Run the GRPO loop from a YAML config with ``key=value`` overrides::
 
     python examples/train.py examples/tiny/grpo_tiny.yaml policy.router_replay.mode=pr2
+    torchrun --nproc-per-node 4 examples/train.py examples/tiny/grpo_tiny.yaml \
+        policy.expert_model_parallel_size=2 policy.pipeline_model_parallel_size=2
 
 On a machine without CUDA it uses the project's test-only CPU shim (``tests/support``), which
 lets real megatron-core run on gloo; the package itself never imports it (see ``pr2 train``).
+Under torchrun the process group comes from torchrun's environment (RANK, WORLD_SIZE, ...).
 """
 
 import argparse
@@ -24,13 +27,17 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     sys.path.insert(0, REPO_ROOT)
     if torch.cuda.is_available():
-        from megatron_pr2.commands.train import init_world1_cuda
+        from megatron_pr2.commands.train import init_distributed_cuda
 
-        init_world1_cuda()
+        init_distributed_cuda()
     else:
-        from tests.support.dist import init_single_process  # installs the CPU shim first
+        from tests.support.dist import free_port, init_process  # installs the CPU shim
 
-        init_single_process()
+        if "WORLD_SIZE" in os.environ:  # torchrun
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            init_process(rank, world, int(os.environ["MASTER_PORT"]))
+        else:  # a world-1 run picks its own free port
+            init_process(0, 1, free_port())
     from megatron_pr2.rl.config import load_config
     from megatron_pr2.rl.trainer import train
 

@@ -1,4 +1,5 @@
-"""``pr2 train CONFIG [key=value ...]``: the GRPO trainer (world 1, CUDA)."""
+"""``pr2 train CONFIG [key=value ...]``: the GRPO trainer on CUDA (``torchrun`` for several
+GPUs; the layout comes from ``policy.*_parallel_size``)."""
 
 from __future__ import annotations
 
@@ -19,18 +20,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-def init_world1_cuda() -> None:
-    """World-1 NCCL process group and megatron parallel state (the trainer's precondition)."""
+def init_distributed_cuda() -> None:
+    """NCCL process group from torchrun's environment (world 1 without it); the trainer then
+    initialises megatron's model parallelism from the config."""
     import torch
-    from megatron.core import parallel_state
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29512")
-    torch.cuda.set_device(0)
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel()
+        torch.distributed.init_process_group("nccl")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from megatron_pr2.rl.config import load_config
 
     config = load_config(args.config, args.overrides)  # fail on bad keys before init
-    init_world1_cuda()
+    init_distributed_cuda()
     from megatron_pr2.rl.trainer import train as run_train
 
     run_train(config)

@@ -129,6 +129,29 @@ class PolicyConfig:
     num_moe_experts: int = 8
     moe_router_topk: int = 2
     router_replay: RouterReplaySection = field(default_factory=RouterReplaySection)
+    # Parallel layout (NeMo-RL's megatron_cfg names, flat here); data parallel = the rest.
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: int | None = None
+    sequence_parallel: bool | None = None  # default: on when tensor_model_parallel_size > 1
+    context_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.context_parallel_size != 1:
+            raise ValueError(
+                "policy.context_parallel_size > 1 is not supported by the RL loop yet (the test "
+                "rollout engine has no CP); replay itself handles CP (routes.layout)"
+            )
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ValueError("policy.sequence_parallel needs tensor_model_parallel_size > 1")
+
+    @property
+    def uses_sequence_parallel(self) -> bool:
+        if self.sequence_parallel is None:
+            return self.tensor_model_parallel_size > 1
+        return self.sequence_parallel
 
 
 @dataclass
@@ -201,6 +224,8 @@ class MasterConfig:
             )
         if g.sft_warmup_steps > 0 and g.sft_batch_size % mbs:
             raise ValueError(f"grpo.sft_batch_size must be a multiple of micro_batch_size={mbs}")
+        # Data parallelism (the world size minus model parallelism) is only known at run time:
+        # the worker checks that micro-batches share evenly over DP ranks.
 
     def loss_config(self) -> ClippedPGLossConfig:
         return ClippedPGLossConfig.from_dict(self.loss_fn)

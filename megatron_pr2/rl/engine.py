@@ -7,10 +7,13 @@ and the trainer's π_old differ even with identical weights (pr2-algorithm §1.1
 of the importance ratio). Building the engine with ``params_dtype=bfloat16`` on the same megatron
 layout reproduces that gap in miniature, including routes that flip near expert ties.
 
-World 1 only for now: the engine calls ``GPTModel`` directly (no pipeline schedule, no TP/SP
-token split, no context parallelism), which is all a single-process test needs. A multi-rank
-engine would run the forward through ``get_forward_backward_func(forward_only=True)`` and gather
-the routes of every rank with ``routes.layout.assemble``.
+Parallel layouts: the engine is built in the trainer's megatron layout (TP/SP, PP/VPP, EP, DP)
+and runs its forwards through megatron's own schedule (``forward_only``). Every rank generates
+the whole batch: the next-token logits are gathered over TP, broadcast from the last pipeline
+stage and from data-parallel rank 0, and every rank samples with the same generator, so all
+ranks hold the same rollout. Routes stay rank-local: each rank records its own MoE layers in its
+own token order (its SP slice), which is exactly what the trainer's router on that rank replays.
+Generation is redundant over data parallelism; fine for tests, a real run uses vLLM or SGLang.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from megatron.core.transformer import TransformerConfig
 
 from megatron_pr2.config import PredictorConfig, RouterReplayConfig
-from megatron_pr2.models.gpt import build_model_chunks
+from megatron_pr2.models.gpt import build_model_chunks, lm_forward_backward
 from megatron_pr2.models.training import PREDICTOR_KEY_FRAGMENT, export_state_dict
 from megatron_pr2.replay.session import ReplaySession
+from megatron_pr2.rl.parallel import broadcast_from_data_parallel_rank0, broadcast_from_last_stage
 from megatron_pr2.routes.layout import MicrobatchLayout, RankCoords, rank_token_keys
 
 EngineMode = Literal["r3", "pr2_r3"]
@@ -122,9 +127,6 @@ class RolloutEngine:
         mode: EngineMode = "r3",
         predictor: PredictorConfig | None = None,
     ) -> None:
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            raise NotImplementedError("RolloutEngine runs in world 1 only (see module docstring)")
         if mode not in ("r3", "pr2_r3"):
             raise ValueError(f"engine mode must be r3 or pr2_r3, got {mode!r}")
         self.mode: EngineMode = mode
@@ -135,14 +137,16 @@ class RolloutEngine:
             predictor=predictor or PredictorConfig(),
         )
         self.chunks = build_model_chunks(config, vocab_size, max_sequence_length, replay)
-        self.model = self.chunks[0]
-        self.model.eval()
-        _to_bf16_except_predictor(self.model)
+        for chunk in self.chunks:
+            chunk.eval()
+            _to_bf16_except_predictor(chunk)
         self.session = ReplaySession(self.chunks)
         self.vocab_size = vocab_size
         self.max_sequence_length = max_sequence_length
         self.pad_id, self.eos_id = pad_id, eos_id
-        self._coords = RankCoords()
+        self._coords = RankCoords.from_megatron(bool(config.sequence_parallel))
+        # Sequence parallelism splits the sequence over TP ranks: widths must divide evenly.
+        self.seq_multiple = self._coords.tp_size if config.sequence_parallel else 1
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
@@ -158,11 +162,7 @@ class RolloutEngine:
             raise ValueError("include_predictor=True but this engine does not apply a predictor")
         modules = [getattr(m, "module", m) for m in trainer_modules]  # unwrap megatron DDP
         source = export_state_dict(modules, include_predictor=include_predictor)
-        target = {
-            name: t
-            for name, t in self.model.state_dict(keep_vars=True).items()
-            if torch.is_tensor(t)
-        }
+        target = _named_tensors(self.chunks)
         skipped = {k for k in target if PREDICTOR_KEY_FRAGMENT in k and not include_predictor}
         missing = sorted(set(target) - set(source) - skipped)
         extra = sorted(set(source) - set(target))
@@ -179,12 +179,34 @@ class RolloutEngine:
         return len(source)
 
     # ------------------------------------------------------------------ sampling
-    def _logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """fp32 logits ``[b, s, vocab]`` of the bf16 model (causal: right padding is inert)."""
-        seq = tokens.shape[1]
-        position_ids = torch.arange(seq, device=tokens.device).unsqueeze(0).expand_as(tokens)
-        logits = self.model(tokens, position_ids, attention_mask=None)
-        return logits[..., : self.vocab_size].float()
+    def _padded_width(self, width: int) -> int:
+        return -(-width // self.seq_multiple) * self.seq_multiple
+
+    def _next_token_logits(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """fp32 logits ``[b, vocab]`` of each row's next token (after ``lengths - 1``), the
+        same on every rank (see module docstring)."""
+        batch = _EngineMicrobatch(tokens, lengths)
+        outputs = lm_forward_backward(
+            self.chunks, [batch], forward_only=True, forward_step_func=self._next_token_step
+        )
+        local = outputs[0]["logits"] if outputs else None
+        like = torch.empty(tokens.shape[0], self.vocab_size, dtype=torch.float32)
+        logits = broadcast_from_last_stage(local, like)
+        return broadcast_from_data_parallel_rank0(logits)
+
+    def _next_token_step(self, batches, model: torch.nn.Module):
+        mb = next(batches)
+        seq = mb.tokens.shape[1]
+        position_ids = torch.arange(seq, device=mb.tokens.device).unsqueeze(0).expand_as(mb.tokens)
+        output = model(mb.tokens, position_ids, attention_mask=None)
+
+        def loss_func(logits: torch.Tensor):
+            rows = torch.arange(logits.shape[0], device=logits.device)
+            last = logits[rows, mb.lengths.to(logits.device) - 1].float()  # [b, vocab / tp]
+            full = gather_from_tensor_model_parallel_region(last)[:, : self.vocab_size]
+            return logits.sum() * 0.0, {"logits": full}
+
+        return output, loss_func
 
     @torch.no_grad()
     def generate(
@@ -217,6 +239,12 @@ class RolloutEngine:
                 f"longest prompt + max_new_tokens = {total} > max_sequence_length "
                 f"{self.max_sequence_length}"
             )
+        total = self._padded_width(total)
+        if total > self.max_sequence_length:
+            raise ValueError(
+                f"generation width {total} (padded to a multiple of {self.seq_multiple} for "
+                f"sequence parallelism) > max_sequence_length {self.max_sequence_length}"
+            )
         tokens = torch.full((batch, total), self.pad_id, dtype=torch.int64)
         for i, prompt in enumerate(prompts):
             tokens[i, : len(prompt)] = torch.as_tensor(list(prompt), dtype=torch.int64)
@@ -227,10 +255,9 @@ class RolloutEngine:
         for _ in range(max_new_tokens):
             if bool(done.all()):
                 break
-            width = int(lengths.max())
+            width = min(self._padded_width(int(lengths.max())), total)
             with self._predicted_routes():
-                logits = self._logits(tokens[:, :width])
-            last = logits[rows, lengths - 1]  # each row's next-token logits
+                last = self._next_token_logits(tokens[:, :width].contiguous(), lengths)
             sampled = _sample(last, temperature, top_p, generator)
             raw = torch.log_softmax(last, dim=-1).gather(1, sampled[:, None]).squeeze(1)
             active = ~done
@@ -238,7 +265,7 @@ class RolloutEngine:
             logprobs[rows[active], lengths[active]] = raw[active]
             lengths = torch.where(active, lengths + 1, lengths)
             done |= active & (sampled == self.eos_id)
-        seq = int(lengths.max())
+        seq = min(self._padded_width(int(lengths.max())), total)
         tokens, logprobs = tokens[:, :seq].contiguous(), logprobs[:, :seq].contiguous()
         positions = torch.arange(seq).unsqueeze(0)
         response_mask = (
@@ -270,10 +297,41 @@ class RolloutEngine:
         """
         layouts = rollout_layouts(lengths.tolist(), tokens.shape[1], micro_batch_size)
         keys = [rank_token_keys(layout, self._coords) for layout in layouts]
+        microbatches = [
+            _EngineMicrobatch(tokens[s : s + micro_batch_size], lengths[s : s + micro_batch_size])
+            for s in range(0, tokens.shape[0], micro_batch_size)
+        ]
         with self.session.recording(keys) as record:
-            for start in range(0, tokens.shape[0], micro_batch_size):
-                self._logits(tokens[start : start + micro_batch_size])
+            lm_forward_backward(
+                self.chunks, microbatches, forward_only=True, forward_step_func=self._route_step
+            )
         return {layer: list(record.routes[layer]) for layer in record.routes}
+
+    @staticmethod
+    def _route_step(batches, model: torch.nn.Module):
+        mb = next(batches)
+        seq = mb.tokens.shape[1]
+        position_ids = torch.arange(seq, device=mb.tokens.device).unsqueeze(0).expand_as(mb.tokens)
+        output = model(mb.tokens, position_ids, attention_mask=None)
+        return output, lambda logits: (logits.sum() * 0.0, {})
+
+
+@dataclass
+class _EngineMicrobatch:
+    tokens: torch.Tensor  # [b, s]; what megatron's schedule sizes the pass by
+    lengths: torch.Tensor  # [b] real tokens per row
+
+
+def _named_tensors(chunks: Sequence[torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """Parameters and buffers by the names ``export_state_dict`` gives them (chunk prefixes
+    under virtual pipelining)."""
+    out = {}
+    for i, chunk in enumerate(chunks):
+        prefix = "" if len(chunks) == 1 else f"chunk{i}."
+        for name, t in chunk.state_dict(keep_vars=True).items():
+            if torch.is_tensor(t):
+                out[prefix + name] = t
+    return out
 
 
 def _to_bf16_except_predictor(model: torch.nn.Module) -> None:

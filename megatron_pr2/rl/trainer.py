@@ -1,4 +1,4 @@
-"""A world-1 GRPO loop on real megatron-core: bf16 rollout engine, fp32 policy worker, replay.
+"""The GRPO loop on real megatron-core: bf16 rollout engine, fp32 policy worker, replay.
 
 Per step (NeMo-RL's order, pr2-algorithm §2.6)::
 
@@ -8,14 +8,16 @@ Per step (NeMo-RL's order, pr2-algorithm §2.6)::
     prev_logprobs = worker.get_logprobs(...)  # π_old; r2/pr2 record, r3 replays engine routes
     worker.train(batch, κ mini-steps)         # replayed updates
 
-World 1 only: the engine calls the model directly and the worker's loss denominators are not
-reduced over data parallelism, so multi-process runs are out of scope here. megatron's parallel
-state must already be initialised (``examples/train.py`` on CPU, ``pr2 train`` on CUDA).
-All tensors live on the host; a CUDA run needs device placement that engine and worker lack.
+Runs in any megatron layout the config names (``policy.*_parallel_size``), one process per rank
+(``torchrun``); ``torch.distributed`` must be initialised (``examples/train.py`` on CPU,
+``pr2 train`` on CUDA). Rank 0 writes the logs; every rank returns the same history.
+Rollout, rewards and advantages are computed on the host (tiny models); the models live where
+megatron put them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -23,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from megatron_pr2.models.gpt import (
@@ -46,6 +47,12 @@ from megatron_pr2.rl.config import MasterConfig
 from megatron_pr2.rl.engine import RolloutEngine, bf16_engine_config
 from megatron_pr2.rl.logger import RunLogger
 from megatron_pr2.rl.loss import ClippedPGLossFn
+from megatron_pr2.rl.parallel import (
+    ParallelSizes,
+    combine_last_stage_metrics,
+    ensure_model_parallel,
+    is_logging_rank,
+)
 from megatron_pr2.rl.task import SyntheticTask
 from megatron_pr2.rl.worker import PolicyWorker, RLBatch
 
@@ -58,6 +65,9 @@ def _shape(config: MasterConfig, task: SyntheticTask) -> tuple[TinyMoEShape, int
     """Model shape and ``max_new_tokens``; the context fits the longest prompt + generation."""
     max_new = config.generation.max_new_tokens or task.max_answer_len + 1
     needed = task.max_prompt_len + max(max_new, task.max_answer_len)
+    if config.policy.uses_sequence_parallel:  # widths are padded to a multiple of TP
+        tp = config.policy.tensor_model_parallel_size
+        needed = -(-needed // tp) * tp
     max_seq = config.policy.max_total_sequence_length or needed
     if max_seq < needed:
         raise ValueError(
@@ -90,7 +100,8 @@ def supervised_warm_start(
 
     Why: GRPO on a random tiny model sees all-zero reward groups (no signal); a short warm start
     makes the policy right sometimes. Routers route live (no replay session is active) and the
-    PR2 predictor group is frozen. Returns the loss per step.
+    PR2 predictor group is frozen. Micro-batches are shared round robin over data-parallel
+    ranks (each micro-batch's loss is a mean, and DDP averages). Returns the loss per step.
     """
     g, mbs = config.grpo, config.policy.micro_batch_size
     losses = []
@@ -103,12 +114,17 @@ def supervised_warm_start(
             labels[:, :-1] = ids[:, 1:]
             loss_mask = torch.zeros_like(mask)
             loss_mask[:, :-1] = mask[:, 1:]  # the loss at t is about token t + 1
-            micro = [
+            micro = [  # this data-parallel rank's micro-batches (round robin)
                 LMBatch(ids[s : s + mbs], labels[s : s + mbs], loss_mask[s : s + mbs])
-                for s in range(0, ids.shape[0], mbs)
+                for s in range(worker.dp_rank * mbs, ids.shape[0], mbs * worker.dp_size)
             ]
             outputs, _ = train_step(worker.setup, micro, forward_step_func=lm_forward_step)
-            losses.append(float(torch.stack([o["lm_loss"] for o in outputs]).mean()))
+            local = (
+                {"lm_loss": float(torch.stack([o["lm_loss"] for o in outputs]).mean())}
+                if outputs
+                else None
+            )
+            losses.append(combine_last_stage_metrics(local, {"lm_loss": "mean"})["lm_loss"])
     finally:
         _set_lr(worker, config.policy.lr, g.sft_lr)
     return losses
@@ -131,11 +147,21 @@ def _step_metrics(steps: list[dict[str, float]]) -> dict[str, float]:
 def train(config: MasterConfig) -> list[dict[str, Any]]:
     """Run ``grpo.max_num_steps`` GRPO steps; returns the metrics of each step (also written to
     ``{logger.log_dir}/metrics.jsonl``, one JSON object per line)."""
-    if not parallel_state.model_parallel_is_initialized():
-        raise RuntimeError("megatron is not initialised: use examples/train.py or `pr2 train`")
-    if torch.distributed.get_world_size() != 1:
-        raise NotImplementedError("the GRPO trainer runs in world 1 only (see module docstring)")
+    if not torch.distributed.is_initialized():
+        raise RuntimeError(
+            "torch.distributed is not initialised: use examples/train.py or `pr2 train`"
+        )
     g, p = config.grpo, config.policy
+    ensure_model_parallel(
+        ParallelSizes(
+            tensor=p.tensor_model_parallel_size,
+            pipeline=p.pipeline_model_parallel_size,
+            expert=p.expert_model_parallel_size,
+            expert_tensor=p.expert_tensor_parallel_size,
+            virtual_pipeline=p.virtual_pipeline_model_parallel_size,
+        )
+    )
+    main_rank = is_logging_rank()
     replay = p.router_replay
     torch.manual_seed(g.seed)
     model_parallel_cuda_manual_seed(g.seed)
@@ -145,7 +171,7 @@ def train(config: MasterConfig) -> list[dict[str, Any]]:
     task = SyntheticTask(config.task)
     tok = task.tokenizer
     shape, max_new = _shape(config, task)
-    model_config = moe_transformer_config(shape)
+    model_config = moe_transformer_config(shape, sequence_parallel=p.uses_sequence_parallel)
     worker_replay = replay.worker_config()
     chunks = build_model_chunks(
         model_config, shape.vocab_size, shape.max_sequence_length, worker_replay
@@ -170,8 +196,9 @@ def train(config: MasterConfig) -> list[dict[str, Any]]:
     loss_fn = ClippedPGLossFn(config.loss_config())
 
     log_dir = Path(config.logger.log_dir)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    (log_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    if main_rank:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        (log_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
     ckpt = config.checkpointing
     start_step, sft_losses, sft_time = 0, [], 0.0
@@ -180,12 +207,13 @@ def train(config: MasterConfig) -> list[dict[str, Any]]:
         start_step, path = latest
         state = load_trainer_checkpoint(worker.setup, path)
         restore_rng(state["rng"], rng, sampler)
-        print(f"resumed from {path} (step {start_step})", flush=True)
+        if main_rank:
+            print(f"resumed from {path} (step {start_step})", flush=True)
     else:
         t0 = time.perf_counter()
         sft_losses = supervised_warm_start(worker, task, config, rng)
         sft_time = time.perf_counter() - t0
-        if sft_losses:
+        if sft_losses and main_rank:
             print(
                 f"sft: {len(sft_losses)} steps, loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f} "
                 f"({sft_time:.1f}s)",
@@ -199,14 +227,19 @@ def train(config: MasterConfig) -> list[dict[str, Any]]:
         "loss": "train/loss",
         "s/step": "timing/train/total_step_time",
     }
-    with RunLogger(
-        log_dir,
-        g.max_num_steps,
-        tensorboard=config.logger.tensorboard_enabled,
-        progress_bar=config.logger.progress_bar,
-        resume_step=start_step,
-        headline=headline,
-    ) as logger:
+    logger = (
+        RunLogger(
+            log_dir,
+            g.max_num_steps,
+            tensorboard=config.logger.tensorboard_enabled,
+            progress_bar=config.logger.progress_bar,
+            resume_step=start_step,
+            headline=headline,
+        )
+        if main_rank
+        else None
+    )
+    with logger if logger is not None else contextlib.nullcontext():
         for step in range(start_step, g.max_num_steps):
             metrics = _grpo_step(config, task, worker, engine, loss_fn, rng, sampler, max_new)
             metrics = {"step": step + 1, **metrics}
@@ -214,7 +247,8 @@ def train(config: MasterConfig) -> list[dict[str, Any]]:
                 metrics["sft/loss_first"] = sft_losses[0]
                 metrics["sft/loss_last"] = sft_losses[-1]
                 metrics["timing/sft"] = sft_time
-            logger.log(metrics)
+            if logger is not None:
+                logger.log(metrics)
             history.append(metrics)
             done = step + 1
             if ckpt.enabled and (done % ckpt.save_period == 0 or done == g.max_num_steps):
@@ -225,7 +259,8 @@ def train(config: MasterConfig) -> list[dict[str, Any]]:
                     {"rng": capture_rng(rng, sampler)},
                     keep_last=ckpt.keep_top_k,
                 )
-                logger.write(f"saved {path}")
+                if logger is not None:
+                    logger.write(f"saved {path}")
     return history
 
 

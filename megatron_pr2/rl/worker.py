@@ -7,8 +7,9 @@ Per rollout batch (pr2-algorithm §2.6)::
     metrics = worker.train(batch, loss_fn, num_mini_steps=κ)    # replay mini-batch i's routes
 
 Everything runs through megatron's own schedule (``get_forward_backward_func``), DDP and
-optimizer. Loss denominators are the mini-batch's (one optimizer step per mini-batch); with data
-parallelism they would have to be all-reduced over DP first (not done: tests run world 1).
+optimizer, in any megatron layout. Every rank holds the whole rollout batch; data-parallel rank
+``d`` trains on micro-batches ``d, d + dp, ...`` (:meth:`PolicyWorker.local_microbatches`), and
+loss denominators count the whole mini-batch, so the DP-summed gradient equals world 1's.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ from megatron_pr2.models.training import TrainingSetup, setup_training, train_st
 from megatron_pr2.replay.session import PreparedRoutes, ReplaySession, Routes
 from megatron_pr2.rl.engine import Rollout, rollout_layouts
 from megatron_pr2.rl.loss import METRIC_REDUCTIONS, ClippedPGLossFn
+from megatron_pr2.rl.parallel import (
+    all_gather_data_parallel,
+    broadcast_from_last_stage,
+    combine_last_stage_metrics,
+    data_parallel_rank_size,
+)
 from megatron_pr2.routes.layout import RankCoords, rank_token_keys
 
 __all__ = ["PolicyWorker", "RLBatch"]
@@ -94,9 +101,15 @@ class _Microbatch:
     data: RLBatch
 
 
-def _microbatches(batch: RLBatch, micro_batch_size: int) -> list[_Microbatch]:
+def _microbatches(
+    batch: RLBatch, micro_batch_size: int, indices: Sequence[int] | None = None
+) -> list[_Microbatch]:
+    """Micro-batches ``indices`` (default: all) of ``batch`` cut into ``micro_batch_size`` rows."""
+    if indices is None:
+        indices = range(batch.batch_size // micro_batch_size)
     out = []
-    for start in range(0, batch.batch_size, micro_batch_size):
+    for index in indices:
+        start = index * micro_batch_size
         part = batch.rows(start, start + micro_batch_size)
         labels = torch.full_like(part.tokens, batch.pad_id)
         labels[:, :-1] = part.tokens[:, 1:]
@@ -129,7 +142,11 @@ def _logprob_step(batches: Iterator[_Microbatch], model: torch.nn.Module):
 
 
 def _pg_step(
-    loss_fn: ClippedPGLossFn, num_microbatches: int, valid_tokens: float, valid_seqs: float
+    loss_fn: ClippedPGLossFn,
+    num_microbatches: int,
+    valid_tokens: float,
+    valid_seqs: float,
+    data_parallel_size: int = 1,
 ) -> Callable:
     """Forward step of an update pass: ``loss_fn`` on the current per-token log-probs."""
 
@@ -149,9 +166,10 @@ def _pg_step(
             loss, metrics = loss_fn(
                 _token_logprobs(per_token_loss.float()), data, valid_tokens, valid_seqs
             )
-            # The loss is this micro-batch's share of the mini-batch loss (global denominators);
-            # megatron divides a 2-tuple loss by the micro-batch count, which we undo.
-            return loss * num_microbatches, metrics
+            # The loss is this micro-batch's share of the mini-batch loss (denominators over
+            # every DP rank's tokens). megatron divides a 2-tuple loss by the micro-batch count
+            # and DDP averages gradients over DP; both are undone so the shares add up.
+            return loss * (num_microbatches * data_parallel_size), metrics
 
         return output, loss_func
 
@@ -160,6 +178,8 @@ def _pg_step(
 
 def _reduce_metrics(per_microbatch: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
     out: dict[str, float] = {}
+    if not per_microbatch:  # not a last pipeline stage
+        return out
     for name in per_microbatch[0]:
         values = torch.stack([m[name].detach().double().reshape(()) for m in per_microbatch])
         how = METRIC_REDUCTIONS.get(name, "mean")
@@ -205,6 +225,7 @@ class PolicyWorker:
         self.session = ReplaySession(self.setup.modules) if replay.installs_router else None
         config = self.setup.modules[0].config
         self._coords = RankCoords.from_megatron(bool(config.sequence_parallel))
+        self.dp_rank, self.dp_size = data_parallel_rank_size()
         self._routes: PreparedRoutes | None = None
         self._routes_tokens: torch.Tensor | None = None
         self.logprob_metrics: dict[str, float] = {}
@@ -214,13 +235,27 @@ class PolicyWorker:
         """Unwrapped model chunks (what ``RolloutEngine.refresh`` reads)."""
         return self.setup.modules
 
-    def _token_keys(self, batch: RLBatch) -> list[torch.Tensor]:
-        """Predictor keys per micro-batch in router order; sample id = batch row, so any
-        micro-batching of the same batch finds the same cached tokens."""
+    def local_microbatches(self, batch_size: int) -> list[int]:
+        """Global micro-batch indices this data-parallel rank trains on, in order.
+
+        Micro-batch ``j`` (rows ``j*mbs .. (j+1)*mbs``) belongs to DP rank ``j % dp``: every
+        mini-batch whose micro-batch count divides by ``dp`` is then split evenly, whatever κ.
+        """
+        count = batch_size // self.micro_batch_size
+        if batch_size % self.micro_batch_size or count % self.dp_size:
+            raise ValueError(
+                f"{batch_size} samples do not split into micro-batches of "
+                f"{self.micro_batch_size} shared evenly by {self.dp_size} data-parallel ranks"
+            )
+        return list(range(self.dp_rank, count, self.dp_size))
+
+    def _token_keys(self, batch: RLBatch, indices: Sequence[int]) -> list[torch.Tensor]:
+        """Predictor keys of micro-batches ``indices`` in router order; sample id = batch row,
+        so every pass and rank derives the same keys for the same token."""
         layouts = rollout_layouts(
             batch.lengths.tolist(), int(batch.tokens.shape[1]), self.micro_batch_size
         )
-        return [rank_token_keys(layout, self._coords) for layout in layouts]
+        return [rank_token_keys(layouts[j], self._coords) for j in indices]
 
     # ------------------------------------------------------------------ old log-probs
     @torch.no_grad()
@@ -234,7 +269,8 @@ class PolicyWorker:
         Replay metrics of the pass (r3: engine vs trainer routes) land in ``logprob_metrics``.
         """
         mode = self.replay.mode
-        microbatches = _microbatches(batch, self.micro_batch_size)
+        local = self.local_microbatches(batch.batch_size)
+        microbatches = _microbatches(batch, self.micro_batch_size, local)
         self._routes, self._routes_tokens = None, None
         external = self.replay.uses_external_routes
         if external and routes is None:
@@ -244,14 +280,17 @@ class PolicyWorker:
         if self.session is None:
             outputs = self._forward_only(microbatches)
         elif external:
-            prepared = self.session.prepare(routes)
+            # The engine routed every micro-batch of the batch; keep this rank's.
+            prepared = self.session.prepare(
+                {layer: [per_mb[j] for j in local] for layer, per_mb in routes.items()}
+            )
             # pr2_r3: the predictor learns from this pass's router inputs and logits.
-            keys = self._token_keys(batch) if self.replay.uses_predictor else None
+            keys = self._token_keys(batch, local) if self.replay.uses_predictor else None
             with self.session.replaying(prepared, keys, cache_features=keys is not None):
                 outputs = self._forward_only(microbatches)
             self._routes = prepared
         else:
-            with self.session.recording(self._token_keys(batch)) as record:
+            with self.session.recording(self._token_keys(batch, local)) as record:
                 outputs = self._forward_only(microbatches)
             self._routes = record.routes
         if self._routes is not None:
@@ -261,7 +300,21 @@ class PolicyWorker:
             if self.session is not None
             else {}
         )
-        return torch.cat([out["logprobs"] for out in outputs], dim=0)
+        return self._gather_logprobs(outputs, batch, len(local))
+
+    def _gather_logprobs(self, outputs: list[dict], batch: RLBatch, num_local: int) -> torch.Tensor:
+        """This rank's micro-batches' log-probs (last pipeline stage) -> the whole batch's, on
+        every rank: broadcast over the pipeline, gathered over data parallelism."""
+        mbs, seq = self.micro_batch_size, int(batch.tokens.shape[1])
+        like = torch.empty(num_local * mbs, seq, dtype=torch.float32)
+        local = torch.cat([o["logprobs"] for o in outputs], dim=0) if outputs else None
+        local = broadcast_from_last_stage(local, like)
+        gathered = all_gather_data_parallel(local)  # DP-rank order
+        if self.dp_size == 1:
+            return gathered
+        per_rank = gathered.view(self.dp_size, num_local, mbs, seq)
+        # Global micro-batch j = local index j // dp on DP rank j % dp.
+        return per_rank.transpose(0, 1).reshape(-1, seq)
 
     def _forward_only(self, microbatches: list[_Microbatch]) -> list[dict]:
         return lm_forward_backward(
@@ -285,21 +338,23 @@ class PolicyWorker:
         if num_mini_steps < 1 or size % num_mini_steps:
             raise ValueError(f"{size} samples do not split into {num_mini_steps} mini-batches")
         mini = size // num_mini_steps
-        if mini % self.micro_batch_size:
+        per_mini = mini // self.micro_batch_size
+        if mini % self.micro_batch_size or per_mini % self.dp_size:
             raise ValueError(
                 f"mini-batch of {mini} samples does not split into micro-batches of "
-                f"{self.micro_batch_size}"
+                f"{self.micro_batch_size} shared evenly by {self.dp_size} data-parallel ranks"
             )
+        local = self.local_microbatches(size)
         routes = self._routes_for(batch)
-        keys = self._token_keys(batch)
-        per_mini = mini // self.micro_batch_size
+        keys = self._token_keys(batch, local)
+        per_rank = per_mini // self.dp_size
         results = []
         for i in range(num_mini_steps):
             part = batch.rows(i * mini, (i + 1) * mini)
-            mb_range = slice(i * per_mini, (i + 1) * per_mini)
+            mb_range = slice(i * per_rank, (i + 1) * per_rank)  # this rank's, in `local` order
             predictor_on = self.replay.uses_predictor and i >= 1
             if routes is None:
-                metrics = self._train_step(part, loss_fn, predictor_active=False)
+                metrics = self._train_step(batch, part, local[mb_range], loss_fn, False)
             else:
                 part_routes = PreparedRoutes(
                     {layer: plans[mb_range] for layer, plans in routes.plans.items()}
@@ -310,7 +365,7 @@ class PolicyWorker:
                 else:  # none: route live, measure the drift from the old-log-prob routes
                     pass_ = self.session.observing(part_routes, keys[mb_range])
                 with pass_:
-                    metrics = self._train_step(part, loss_fn, predictor_active=predictor_on)
+                    metrics = self._train_step(batch, part, local[mb_range], loss_fn, predictor_on)
             if self.session is not None:
                 metrics.update(self.session.metrics())
             metrics["mini_step"] = float(i)
@@ -328,19 +383,24 @@ class PolicyWorker:
         return self._routes
 
     def _train_step(
-        self, part: RLBatch, loss_fn: ClippedPGLossFn, predictor_active: bool
+        self,
+        batch: RLBatch,
+        part: RLBatch,
+        indices: Sequence[int],
+        loss_fn: ClippedPGLossFn,
+        predictor_active: bool,
     ) -> dict[str, float]:
-        """One optimizer step on ``part`` with the policy-gradient forward step."""
-        microbatches = _microbatches(part, self.micro_batch_size)
+        """One optimizer step on this rank's micro-batches ``indices`` of mini-batch ``part``;
+        loss denominators count the whole mini-batch (every DP rank's share)."""
+        microbatches = _microbatches(batch, self.micro_batch_size, indices)
         valid_tokens = float(part.token_mask.sum())
         valid_seqs = float(part.batch_size)
+        step = _pg_step(loss_fn, len(microbatches), valid_tokens, valid_seqs, self.dp_size)
         outputs, grad_norm = train_step(
-            self.setup,
-            microbatches,
-            predictor_active=predictor_active,
-            forward_step_func=_pg_step(loss_fn, len(microbatches), valid_tokens, valid_seqs),
+            self.setup, microbatches, predictor_active=predictor_active, forward_step_func=step
         )
-        metrics = _reduce_metrics(outputs)
+        local = _reduce_metrics(outputs) if outputs else None
+        metrics = combine_last_stage_metrics(local, dict(METRIC_REDUCTIONS))
         if grad_norm is not None and math.isfinite(float(grad_norm)):
             metrics["grad_norm"] = float(grad_norm)
         return metrics

@@ -20,10 +20,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_free_port = free_port  # older name, still used by tools/
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,7 @@ def run_dist(fn: Callable, world_size: int, *args: Any) -> None:
     try:
         mp.start_processes(
             _entry,
-            args=(world_size, _free_port(), fn, args, errors),
+            args=(world_size, free_port(), fn, args, errors),
             nprocs=world_size,
             join=True,
             start_method="spawn",
@@ -114,5 +117,5 @@ def run_dist(fn: Callable, world_size: int, *args: Any) -> None:
 def init_single_process() -> None:
     """World-1 gloo group and megatron state in this (pytest) process; idempotent."""
     if not dist.is_initialized():
-        init_process(0, 1, _free_port())
+        init_process(0, 1, free_port())
     init_layout(Layout())

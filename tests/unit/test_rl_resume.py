@@ -41,7 +41,10 @@ def _command(mode: str, run_dir: Path, steps: int) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1"}
+    """This process's environment without its torch.distributed rendezvous (a world-1 run
+    picks its own port)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "WORLD_SIZE", "RANK")}
+    return {**env, "OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1"}
 
 
 def _comparable(record: dict) -> dict:

@@ -82,7 +82,7 @@ def finite(metrics: dict[str, float]) -> bool:
 def test_engine_generates_valid_sequences_and_routes(world1):
     worker, engine = make("r3")
     for name, p in worker.modules[0].named_parameters():
-        q = dict(engine.model.named_parameters())[name]
+        q = dict(engine.chunks[0].named_parameters())[name]
         assert q.dtype == torch.bfloat16
         assert torch.equal(q, p.detach().to(torch.bfloat16)), name
 
@@ -116,7 +116,9 @@ def test_engine_generates_valid_sequences_and_routes(world1):
     # The final full forward sees what each sampling step saw (causal attention, fixed weights):
     # its log-probs of the sampled tokens match the ones recorded while sampling.
     with torch.no_grad():
-        logits = engine._logits(rollout.tokens)
+        seq = rollout.tokens.shape[1]
+        positions = torch.arange(seq).unsqueeze(0).expand_as(rollout.tokens)
+        logits = engine.chunks[0](rollout.tokens, positions, attention_mask=None).float()
     again = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, rollout.tokens[:, 1:, None])
     mask = rollout.response_mask[:, 1:].bool()
     assert torch.allclose(again.squeeze(2)[mask], lp[:, 1:][mask], atol=1e-5)
@@ -181,7 +183,7 @@ def test_pr2_two_rollout_batches_at_kappa_two(world1):
     assert history[0][0]["logprobs/pr2/bias_to_logits_ratio"] == 0.0
     assert history[1][0]["logprobs/pr2/bias_to_logits_ratio"] > 0.0
     trainer = [p for n, p in worker.modules[0].named_parameters() if "evolution_predictor" in n]
-    copied = [p for n, p in engine.model.named_parameters() if "evolution_predictor" in n]
+    copied = [p for n, p in engine.chunks[0].named_parameters() if "evolution_predictor" in n]
     assert len(trainer) == len(copied) == SHAPE.num_layers
     for a, b in zip(trainer, copied):
         assert torch.equal(a.detach().to(b.dtype), b)
