@@ -132,7 +132,10 @@ def hf_to_mcore(
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         init_parallel_state(layout)
         replay = RouterReplayConfig(mode="pr2" if with_predictor else "none")
-        chunks = build_model_chunks_from_description(description, replay)
+        # every weight is overwritten: skip megatron's random init (and its full-size buffers)
+        chunks = build_model_chunks_from_description(
+            description, replay, perform_initialization=False
+        )
         ranks = Ranks.current(shape.num_experts)
         loader = HFToMegatron(arch, shape, reader, ranks, description.vocab_size, predictor_reader)
         error: BaseException | None = None

@@ -55,7 +55,8 @@ def load_chunks(ckpt_dir: Path, description: ModelDescription) -> list:
 
     has_predictor = _checkpoint_has_predictor(ckpt_dir)
     replay = RouterReplayConfig(mode="pr2" if has_predictor else "none")
-    chunks = build_model_chunks_from_description(description, replay)
+    # every weight is overwritten: skip megatron's random init (and its full-size buffers)
+    chunks = build_model_chunks_from_description(description, replay, perform_initialization=False)
     state = {
         checkpoint_state_key(len(chunks), i): chunk.sharded_state_dict()
         for i, chunk in enumerate(chunks)
