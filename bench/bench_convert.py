@@ -165,8 +165,8 @@ def main() -> None:
     lines += [
         "",
         "`peak − before` is the memory the conversion added on top of the imported libraries. "
-        "hf-to-mcore: megatron's parameters (one model copy), megatron's transient full-size "
-        "init buffer of the largest parameter, `dist_checkpointing`'s save staging, and the HF "
+        "hf-to-mcore: megatron's parameters (one model copy, built without megatron's random "
+        "init since every weight is overwritten), `dist_checkpointing`'s save staging, and the HF "
         "tensors in flight (read one at a time, or one expert's slice of a fused tensor; the "
         "safetensors memory map is dropped every 64 MB read, since mapped pages count in RSS). "
         "mcore-to-hf: the model, plus one output shard (2 GB by default, so the whole output "
