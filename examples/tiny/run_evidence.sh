@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The evidence run: every replay mode at off-4 (grpo_off4.yaml) with 3 seeds, then
+# `pr2 compare` writes the table and figure to docs/results/. Run from the repository root:
+#   bash examples/tiny/run_evidence.sh            # JOBS=2 runs at a time by default
+# Extra arguments are passed to every run as overrides (e.g. grpo.max_num_steps=10).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PYTHON=${PYTHON:-.venv/bin/python}
+PR2=${PR2:-.venv/bin/pr2}
+RUNS=${RUNS:-logs/evidence_off4}
+OUT=${OUT:-docs/results}
+JOBS=${JOBS:-2}
+export OMP_NUM_THREADS=1 TORCHDYNAMO_DISABLE=1
+mkdir -p "$RUNS"
+jobs_file=$(mktemp)
+for seed in 1 2 3; do
+  for mode in none r2 r3 pr2 pr2_r3; do
+    echo "$mode $seed${*:+ $*}" >> "$jobs_file"  # no trailing blank: xargs -L joins such lines
+  done
+done
+run_one() {  # mode seed [overrides...]
+  local mode=$1 seed=$2; shift 2
+  "$PYTHON" examples/train.py examples/tiny/grpo_off4.yaml \
+    policy.router_replay.mode="$mode" grpo.seed="$seed" \
+    logger.log_dir="$RUNS/$mode-seed$seed" logger.progress_bar=false "$@" \
+    > "$RUNS/$mode-seed$seed.log" 2>&1 || { echo "FAILED $mode seed $seed: see $RUNS/$mode-seed$seed.log"; return 255; }
+  echo "done $mode seed $seed"
+}
+export -f run_one
+export PYTHON RUNS
+xargs -P "$JOBS" -L 1 bash -c 'run_one "$0" "$@"' < "$jobs_file"
+rm -f "$jobs_file"
+"$PR2" compare "$RUNS"/*-seed*/ --out "$OUT"
