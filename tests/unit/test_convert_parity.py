@@ -202,3 +202,25 @@ def test_converted_checkpoint_trains_and_converts_back(world1, tmp_path):
     trained_logits = mcore_logits(chunks, tokens)
     assert (hf_logits(reloaded, tokens) - trained_logits).abs().max().item() <= TOL
     assert (hf_logits(reloaded, tokens) - hf_logits(model, tokens)).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [{"tie_word_embeddings": True}, {"mlp_only_layers": [0, 2]}],
+    ids=["tied_embeddings", "dense_layers"],
+)
+def test_qwen3_variants_parity_and_round_trip(world1, tmp_path, variant):
+    model = build_hf_model("qwen3_moe", seed=4, **variant)
+    save(model, tmp_path / "hf")
+    description, _ = hf_to_mcore(tmp_path / "hf", tmp_path / "mcore", show_progress=False)
+    if "mlp_only_layers" in variant:
+        assert description.transformer_config["moe_layer_freq"] == [0, 1, 0, 1]
+    else:
+        assert description.share_embeddings_and_output_weights
+    chunks = load_chunks(tmp_path / "mcore", description)
+    tokens = _tokens()
+    assert (hf_logits(model, tokens) - mcore_logits(chunks, tokens)).abs().max().item() <= TOL
+    mcore_to_hf(tmp_path / "mcore", tmp_path / "back", show_progress=False)
+    original, back = _tensors(tmp_path / "hf"), _tensors(tmp_path / "back")
+    assert sorted(back) == sorted(original)
+    assert all(torch.equal(back[k], original[k]) for k in original)
