@@ -15,6 +15,8 @@ Traps this module handles (found by running nemo-run 0.11.1 against a real SLURM
   it starts (``LaunchSpec`` refuses such a ``job_dir``).
 * torchx and srun find ``torchrun`` on PATH: without a container, the launching venv's
   ``bin`` goes first on PATH (sbatch exports the submitter's environment to the job).
+* nemo-run's SLURM job registry path is fixed when its scheduler module is imported: see
+  :func:`use_nemo_run_home`.
 * ``exp.run`` does not raise when the job fails: read the state back with :func:`job_status`
   (``Experiment.from_id``), which needs SLURM accounting (``sacct``) on SLURM.
 * The job's working directory is nemo-run's per-job ``code`` folder, so relative paths in the
@@ -45,6 +47,7 @@ __all__ = [
     "job_status",
     "launch",
     "nemo_run_home",
+    "use_nemo_run_home",
     "wait_for_job",
     "write_trainer_config",
 ]
@@ -67,6 +70,23 @@ class LaunchResult:
 
 def nemo_run_home(spec: LaunchSpec) -> Path:
     return Path(os.path.expanduser(spec.job_dir or os.environ.get("NEMORUN_HOME", DEFAULT_HOME)))
+
+
+def use_nemo_run_home(home: Path) -> None:
+    """Point nemo-run at ``home``.
+
+    nemo-run reads its home at import time in places: the SLURM scheduler's job registry
+    (``<home>/.slurm_jobs``, which status queries look jobs up in) is a module constant. A
+    process that switches homes after that import would never find its jobs again and report
+    SUBMITTED forever, so the registry path moves along (and the environment carries the home).
+    """
+    from nemo_run.config import set_nemorun_home
+
+    os.environ["NEMORUN_HOME"] = str(home)
+    set_nemorun_home(str(home))
+    scheduler = sys.modules.get("nemo_run.run.torchx_backend.schedulers.slurm")
+    if scheduler is not None and hasattr(scheduler, "SLURM_JOB_DIRS"):
+        scheduler.SLURM_JOB_DIRS = os.path.join(str(home), ".slurm_jobs")
 
 
 def write_trainer_config(
@@ -174,10 +194,9 @@ def launch(
 ) -> LaunchResult:
     """Submit (or dry-run) the trainer job; returns the experiment id to poll."""
     import nemo_run as run
-    from nemo_run.config import set_nemorun_home
 
     home = nemo_run_home(spec)
-    set_nemorun_home(str(home))
+    use_nemo_run_home(home)
     if not spec.container_image:
         ensure_venv_on_path()
     pending = unsupported_parallel_keys(recipe)
@@ -209,10 +228,9 @@ def launch(
 def job_status(exp_id: str, home: Path | None = None) -> dict[str, Any]:
     """``{'status': SUCCEEDED|FAILED|RUNNING|..., 'job_id': ...}`` of the experiment's job."""
     import nemo_run as run
-    from nemo_run.config import set_nemorun_home
 
     if home is not None:
-        set_nemorun_home(str(home))
+        use_nemo_run_home(home)
     exp = run.Experiment.from_id(exp_id)
     states = exp.status(return_dict=True) or {}
     state = states.get(TASK_NAME) or next(iter(states.values()), {})

@@ -12,7 +12,7 @@ import pytest
 
 run = pytest.importorskip("nemo_run")
 
-from megatron_pr2.launch.nemo import build_executor, job_status, launch  # noqa: E402
+from megatron_pr2.launch.nemo import build_executor, job_status, launch, use_nemo_run_home  # noqa: E402
 from megatron_pr2.launch.spec import REPO_ROOT, LaunchSpec, cluster_from_section  # noqa: E402
 from megatron_pr2.recipes.loader import load_recipe  # noqa: E402
 
@@ -40,11 +40,9 @@ def _venv_on_path(monkeypatch):
 
 def test_torchrun_two_processes(nemo_home: Path, tmp_path: Path):
     """The executor pr2 launch builds gives a real world-2 gloo group."""
-    from nemo_run.config import set_nemorun_home
-
     script = tmp_path / "all_reduce.py"
     script.write_text(ALL_REDUCE)
-    set_nemorun_home(str(nemo_home))
+    use_nemo_run_home(nemo_home)
     spec = LaunchSpec(executor="local", gpus_per_node=0, nproc_per_node=2, rdzv_port=29531)
     spec.env["OUT_DIR"] = str(tmp_path)
     executor = build_executor(spec, nemo_home, "ar")

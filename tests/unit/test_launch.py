@@ -105,19 +105,25 @@ def test_write_trainer_config(tmp_path: Path):
     assert config.grpo.max_num_steps == 2
 
 
-def test_submission_refuses_a_layout_the_trainer_lacks(tmp_path: Path):
-    """A parallel size the trainer cannot apply is never dropped silently from a real launch."""
-    import dataclasses
-
+def test_submission_refuses_a_layout_the_trainer_lacks(tmp_path: Path, monkeypatch):
+    """A parallel size the trainer cannot apply is never dropped silently from a real launch
+    (simulated: the trainer's PolicyConfig without expert parallelism)."""
     from megatron_pr2.launch.nemo import write_trainer_config
-    from megatron_pr2.rl.config import PolicyConfig
+    from megatron_pr2.recipes import loader
 
-    if "expert_model_parallel_size" in {f.name for f in dataclasses.fields(PolicyConfig)}:
-        pytest.skip("the trainer supports expert parallelism")
+    fields = loader._trainer_policy_fields() - {"expert_model_parallel_size"}
+    monkeypatch.setattr(loader, "_trainer_policy_fields", lambda: fields)
     recipe = load_recipe(RECIPES / "olmoe_1b_7b" / "pr2.yaml")
+    assert loader.unsupported_parallel_keys(recipe) == ["policy.expert_model_parallel_size=8"]
     with pytest.raises(RecipeError, match="expert_model_parallel_size=8"):
         write_trainer_config(recipe, tmp_path, "t")
-    write_trainer_config(recipe, tmp_path, "t", strict=False)  # dry runs may show it
+    path = write_trainer_config(recipe, tmp_path, "t", strict=False)  # dry runs may show it
+    assert "expert_model_parallel_size" not in path.read_text()
+    unused = load_recipe(
+        RECIPES / "tiny" / "slurm_2nodes.yaml", ["policy.expert_model_parallel_size=1"]
+    )
+    assert loader.unsupported_parallel_keys(unused) == []  # "not used" values are just dropped
+    write_trainer_config(unused, tmp_path, "t")
 
 
 def test_launch_without_nemo_run_says_how_to_install(monkeypatch, capsys):
