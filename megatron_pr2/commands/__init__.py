@@ -10,6 +10,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "megatron_pr2.commands.convert",
     "megatron_pr2.commands.train",
     "megatron_pr2.commands.compare",
+    "megatron_pr2.commands.analyze",
     "megatron_pr2.commands.check_recipe",
     "megatron_pr2.commands.launch",
 )

@@ -58,6 +58,17 @@ class RouteRecord:
         return len(next(iter(self.routes.plans.values()), []))
 
 
+@dataclass
+class RouteTrace:
+    """Per-layer routes of sampled tokens in one pass: ``keys`` ``[T]`` int64 token keys,
+    ``used`` ``[T, k]`` the experts the router used (recorded, predicted or replayed), ``live``
+    ``[T, k]`` the live router's top-k on the same tokens (int16 expert ids)."""
+
+    keys: torch.Tensor
+    used: torch.Tensor
+    live: torch.Tensor
+
+
 class ReplaySession:
     """Controls the replay routers of one rank's model chunks."""
 
@@ -260,6 +271,32 @@ class ReplaySession:
             dist.all_reduce(table, group=group)
         present = [layer for layer in range(1, num_layers + 1) if table[layer].abs().sum() > 0]
         return predictor_state.summarize({layer: table[layer] for layer in present}, self.topk)
+
+    # ------------------------------------------------------------------ diagnostics
+    @contextlib.contextmanager
+    def tracing(self, enabled: bool = True) -> Iterator[dict[int, RouteTrace]]:
+        """Trace every local router's routes of the enclosed passes (every
+        ``metrics_token_stride``-th token of each call); the dict is filled on exit."""
+        out: dict[int, RouteTrace] = {}
+        if not enabled:
+            yield out
+            return
+        for state in self._states():
+            state.trace = []
+        try:
+            yield out
+            for layer in self.layers:
+                calls = self.state(layer).trace or []
+                if calls:
+                    keys, used, live = (torch.cat(parts) for parts in zip(*calls))
+                    out[layer] = RouteTrace(keys, used, live)
+        finally:
+            for state in self._states():
+                state.trace = None
+
+    def router_weights(self) -> dict[int, torch.Tensor]:
+        """Each local router's gate weight ``[experts, hidden]`` by global layer number."""
+        return {layer: router.weight for layer, router in self._routers.items()}
 
     def predictor_parameters(self) -> list[torch.nn.Parameter]:
         return [

@@ -73,6 +73,9 @@ class RouterReplayState:
         self._token_keys: list[torch.Tensor | None] = []
         self._staged_indices: torch.Tensor | None = None
         self._pending_loss: torch.Tensor | None = None
+        # Route tracing (diagnostics, see replay.session.RouteTrace): (keys, used, live) of every
+        # metrics_token_stride-th token per router call; None = off. Survives reset().
+        self.trace: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
     # ---------------------------------------------------------------- control (schedule side)
     def set_action(
@@ -146,13 +149,16 @@ class RouterReplayState:
 
         if self.action is RouteAction.RECORD:
             microbatch = len(self.recorded)
+            live: torch.Tensor | None = None
             if self._staged_indices is not None:  # pr2: the predicted set, unbiased gate weights
                 indices, self._staged_indices = self._staged_indices, None
                 values = scores.gather(1, indices)
             else:
                 values, indices = live_topk(scores)
+                live = indices
             self.recorded.append(indices.detach())
             self._remember_for_recompute(indices, microbatch)
+            self._trace(microbatch, indices, scores, live_topk, live)
             return values, indices
 
         microbatch = self._cursor
@@ -160,10 +166,36 @@ class RouterReplayState:
             values, indices = live_topk(scores)
             self._observe(indices.detach(), microbatch)
             self._remember_for_recompute(indices, microbatch)
+            self._trace(microbatch, indices, scores, live_topk, indices)
             return values, indices
         indices = self._replay_indices(scores, live_topk)
         self._remember_for_recompute(indices, microbatch)
+        self._trace(microbatch, indices, scores, live_topk)
         return scores.gather(1, indices), indices
+
+    def _trace(
+        self,
+        microbatch: int,
+        used: torch.Tensor,
+        scores: torch.Tensor,
+        live_topk: Callable,
+        live: torch.Tensor | None = None,
+    ) -> None:
+        """Keep (token keys, experts used, live top-k) of every stride-th token (host sync: a
+        diagnostic, off unless a trace is requested)."""
+        if self.trace is None:
+            return
+        rows = slice(None, None, self.metrics_token_stride)
+        with torch.no_grad():
+            keys = self.keys_for(microbatch, scores.shape[0], scores.device)[rows]
+            live_rows = live[rows] if live is not None else live_topk(scores.detach()[rows])[1]
+            self.trace.append(
+                (
+                    keys.cpu(),
+                    used.detach()[rows].to(torch.int16).cpu(),
+                    live_rows.to(torch.int16).cpu(),
+                )
+            )
 
     # ---------------------------------------------------------------- pr2 hooks (router side)
     def microbatch_of_current_call(self) -> int:

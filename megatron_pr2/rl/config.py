@@ -171,6 +171,7 @@ class LoggerConfig:
     log_dir: str = "logs/grpo"
     tensorboard_enabled: bool = True
     progress_bar: bool = True
+    route_traces: bool = False  # per-step route traces for `pr2 analyze` (rl.traces)
 
 
 @dataclass

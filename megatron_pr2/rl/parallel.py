@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_pr2.replay.session import RouteTrace
+
 __all__ = [
     "ParallelSizes",
     "broadcast_from_last_stage",
@@ -143,3 +145,37 @@ def combine_last_stage_metrics(
         else:
             out[name] = float(sum(values) / len(values))
     return out
+
+
+def gather_route_traces(local: dict[int, RouteTrace]) -> dict[int, RouteTrace]:
+    """Every rank's route traces merged by layer (pipeline stages hold other layers, DP and SP
+    ranks other tokens); the same dict on every rank. Diagnostics only: pickles through gloo."""
+    if _world() == 1:
+        return dict(local)
+    gathered: list[Any] = [None] * _world()
+    dist.all_gather_object(gathered, local)
+    merged: dict[int, list[RouteTrace]] = {}
+    for part in gathered:
+        for layer, trace in part.items():
+            merged.setdefault(layer, []).append(trace)
+    return {
+        layer: RouteTrace(
+            torch.cat([t.keys for t in parts]),
+            torch.cat([t.used for t in parts]),
+            torch.cat([t.live for t in parts]),
+        )
+        for layer, parts in sorted(merged.items())
+    }
+
+
+def gather_floats(local: dict[int, float]) -> dict[int, float]:
+    """Merge ``{layer: value}`` dicts of all ranks (the first rank's value wins on overlap)."""
+    if _world() == 1:
+        return dict(local)
+    gathered: list[Any] = [None] * _world()
+    dist.all_gather_object(gathered, local)
+    out: dict[int, float] = {}
+    for part in gathered:
+        for key, value in part.items():
+            out.setdefault(key, value)
+    return dict(sorted(out.items()))

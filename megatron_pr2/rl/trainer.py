@@ -51,9 +51,11 @@ from megatron_pr2.rl.parallel import (
     ParallelSizes,
     combine_last_stage_metrics,
     ensure_model_parallel,
+    gather_floats,
     is_logging_rank,
 )
 from megatron_pr2.rl.task import SyntheticTask
+from megatron_pr2.rl.traces import StepTrace, trace_path, write_step_trace
 from megatron_pr2.rl.worker import PolicyWorker, RLBatch
 
 __all__ = ["ZERO_DEVIATION", "supervised_warm_start", "train"]
@@ -183,6 +185,7 @@ def train(config: MasterConfig) -> list[dict[str, Any]]:
         micro_batch_size=p.micro_batch_size,
         weight_decay=p.weight_decay,
         clip_grad=p.max_grad_norm,
+        trace_routes=config.logger.route_traces and worker_replay.installs_router,
     )
     engine = RolloutEngine(
         bf16_engine_config(model_config),
@@ -241,8 +244,11 @@ def train(config: MasterConfig) -> list[dict[str, Any]]:
     )
     with logger if logger is not None else contextlib.nullcontext():
         for step in range(start_step, g.max_num_steps):
+            before = _router_weights(worker) if worker.trace_routes else {}
             metrics = _grpo_step(config, task, worker, engine, loss_fn, rng, sampler, max_new)
             metrics = {"step": step + 1, **metrics}
+            if worker.trace_routes:
+                _write_trace(config, worker, step + 1, before, main_rank)
             if step == 0 and sft_losses:
                 metrics["sft/loss_first"] = sft_losses[0]
                 metrics["sft/loss_last"] = sft_losses[-1]
@@ -262,6 +268,41 @@ def train(config: MasterConfig) -> list[dict[str, Any]]:
                 if logger is not None:
                     logger.write(f"saved {path}")
     return history
+
+
+def _router_weights(worker: PolicyWorker) -> dict[int, torch.Tensor]:
+    assert worker.session is not None
+    return {k: w.detach().clone() for k, w in worker.session.router_weights().items()}
+
+
+def _write_trace(
+    config: MasterConfig,
+    worker: PolicyWorker,
+    step: int,
+    before: dict[int, torch.Tensor],
+    main_rank: bool,
+) -> None:
+    """Route traces of this step + each router's relative weight change (rl.traces)."""
+    drift = {
+        layer: float((w.detach() - before[layer]).norm() / before[layer].norm().clamp(min=1e-30))
+        for layer, w in _router_weights(worker).items()
+    }
+    drift = gather_floats(drift)
+    if not main_rank:
+        return
+    replay = config.policy.router_replay
+    trace = StepTrace(
+        step=step,
+        mode=replay.mode,
+        topk=config.policy.moe_router_topk,
+        num_experts=config.policy.num_moe_experts,
+        num_mini_steps=config.grpo.off_policy_steps,
+        token_stride=replay.metrics_token_stride,
+        old=worker.old_pass_trace,
+        mini_steps=worker.mini_step_traces,
+        router_drift=drift,
+    )
+    write_step_trace(trace_path(config.logger.log_dir, step), trace)
 
 
 def _grpo_step(

@@ -23,7 +23,7 @@ import torch
 from megatron_pr2.config import RouterReplayConfig
 from megatron_pr2.models.gpt import lm_forward_backward
 from megatron_pr2.models.training import TrainingSetup, setup_training, train_step
-from megatron_pr2.replay.session import PreparedRoutes, ReplaySession, Routes
+from megatron_pr2.replay.session import PreparedRoutes, ReplaySession, Routes, RouteTrace
 from megatron_pr2.rl.engine import Rollout, rollout_layouts
 from megatron_pr2.rl.loss import METRIC_REDUCTIONS, ClippedPGLossFn
 from megatron_pr2.rl.parallel import (
@@ -31,6 +31,7 @@ from megatron_pr2.rl.parallel import (
     broadcast_from_last_stage,
     combine_last_stage_metrics,
     data_parallel_rank_size,
+    gather_route_traces,
 )
 from megatron_pr2.routes.layout import RankCoords, rank_token_keys
 
@@ -212,8 +213,12 @@ class PolicyWorker:
         micro_batch_size: int = 1,
         weight_decay: float = 0.0,
         clip_grad: float = 0.0,
+        trace_routes: bool = False,
     ) -> None:
         self.replay = replay
+        self.trace_routes = trace_routes  # keep route traces of each pass (rl.traces)
+        self.old_pass_trace: dict[int, RouteTrace] = {}
+        self.mini_step_traces: list[dict[int, RouteTrace]] = []
         self.micro_batch_size = micro_batch_size
         self.setup: TrainingSetup = setup_training(
             chunks,
@@ -279,27 +284,27 @@ class PolicyWorker:
             raise ValueError(f"router_replay.mode {mode.value} records its own routes")
         if self.session is None:
             outputs = self._forward_only(microbatches)
-        elif external:
-            # The engine routed every micro-batch of the batch; keep this rank's.
-            prepared = self.session.prepare(
-                {layer: [per_mb[j] for j in local] for layer, per_mb in routes.items()}
-            )
-            # pr2_r3: the predictor learns from this pass's router inputs and logits.
-            keys = self._token_keys(batch, local) if self.replay.uses_predictor else None
-            with self.session.replaying(prepared, keys, cache_features=keys is not None):
-                outputs = self._forward_only(microbatches)
-            self._routes = prepared
-        else:
-            with self.session.recording(self._token_keys(batch, local)) as record:
-                outputs = self._forward_only(microbatches)
-            self._routes = record.routes
-        if self._routes is not None:
-            self._routes_tokens = batch.tokens
-        self.logprob_metrics = (
-            {f"logprobs/{k}": v for k, v in self.session.metrics().items()}
-            if self.session is not None
-            else {}
-        )
+            self.logprob_metrics = {}
+            return self._gather_logprobs(outputs, batch, len(local))
+        with self.session.tracing(self.trace_routes) as trace:
+            if external:
+                assert routes is not None
+                # The engine routed every micro-batch of the batch; keep this rank's.
+                prepared = self.session.prepare(
+                    {layer: [per_mb[j] for j in local] for layer, per_mb in routes.items()}
+                )
+                # pr2_r3: the predictor learns from this pass's router inputs and logits.
+                keys = self._token_keys(batch, local) if self.replay.uses_predictor else None
+                with self.session.replaying(prepared, keys, cache_features=keys is not None):
+                    outputs = self._forward_only(microbatches)
+                self._routes = prepared
+            else:
+                with self.session.recording(self._token_keys(batch, local)) as record:
+                    outputs = self._forward_only(microbatches)
+                self._routes = record.routes
+        self._routes_tokens = batch.tokens
+        self.old_pass_trace = gather_route_traces(trace) if self.trace_routes else {}
+        self.logprob_metrics = {f"logprobs/{k}": v for k, v in self.session.metrics().items()}
         return self._gather_logprobs(outputs, batch, len(local))
 
     def _gather_logprobs(self, outputs: list[dict], batch: RLBatch, num_local: int) -> torch.Tensor:
@@ -349,6 +354,7 @@ class PolicyWorker:
         keys = self._token_keys(batch, local)
         per_rank = per_mini // self.dp_size
         results = []
+        self.mini_step_traces = []
         for i in range(num_mini_steps):
             part = batch.rows(i * mini, (i + 1) * mini)
             mb_range = slice(i * per_rank, (i + 1) * per_rank)  # this rank's, in `local` order
@@ -364,8 +370,10 @@ class PolicyWorker:
                     pass_ = self.session.replaying(part_routes, keys[mb_range], predictor_on)
                 else:  # none: route live, measure the drift from the old-log-prob routes
                     pass_ = self.session.observing(part_routes, keys[mb_range])
-                with pass_:
+                with self.session.tracing(self.trace_routes) as trace, pass_:
                     metrics = self._train_step(batch, part, local[mb_range], loss_fn, predictor_on)
+                if self.trace_routes:
+                    self.mini_step_traces.append(gather_route_traces(trace))
             if self.session is not None:
                 metrics.update(self.session.metrics())
             metrics["mini_step"] = float(i)
