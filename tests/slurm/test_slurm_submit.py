@@ -1,5 +1,6 @@
-"""Real SLURM: the tiny GRPO job across 2 emulated nodes x torchrun, through nemo-run's
-SlurmExecutor + LocalTunnel, and a deliberately failing job that must be reported FAILED.
+"""Real SLURM: the tiny GRPO job (EP2: experts split over the two nodes) across 2 emulated
+nodes x torchrun, through nemo-run's SlurmExecutor + LocalTunnel, and a deliberately failing
+job that must be reported FAILED.
 
 Needs the launch venv (nemo-run) and a live localhost cluster (``.ci/slurm.sh`` starts one with
 ``tools/slurm_local/slurm_local.sh``); skips otherwise, unless ``PR2_REQUIRE_SLURM=1``.
@@ -68,7 +69,9 @@ def test_two_node_grpo_job(slurm, nemo_home: Path, tmp_path: Path):
     assert [r["step"] for r in records] == [1, 2]  # the logging rank writes each step once
     for record in records:
         assert "train/router_replay/zero_deviation_ratio" in record, sorted(record)
-    assert "group_rank=1" in log  # torchrun's agent on the second node joined the rendezvous
+    # torchrun's agent on the second node joined the rendezvous: one world of 2 ranks
+    assert "group_rank=1" in log and "global_ranks=[1]" in log
+    assert "role_world_sizes=[2]" in log
 
 
 def test_failing_job_is_reported_failed(slurm, nemo_home: Path, tmp_path: Path):
