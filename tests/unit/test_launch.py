@@ -144,3 +144,16 @@ def test_launch_without_nemo_run_says_how_to_install(monkeypatch, capsys):
     args = parser.parse_args(["launch", str(RECIPES / "tiny" / "slurm_2nodes.yaml"), "--dryrun"])
     assert command.run(args) == 2
     assert "nemo-run==0.11.1" in capsys.readouterr().err
+
+
+def test_launch_refuses_a_broken_recipe(capsys):
+    """The recipe check runs before nemo-run is touched: a bad layout never reaches sbatch."""
+    from megatron_pr2.commands import launch as command
+
+    parser = argparse.ArgumentParser()
+    command.register(parser.add_subparsers())
+    recipe = str(RECIPES / "qwen3_30b_a3b" / "pr2.yaml")
+    args = parser.parse_args(["launch", recipe, "policy.expert_model_parallel_size=6", "--dryrun"])
+    assert command.run(args) == 1
+    err = capsys.readouterr().err
+    assert "does not divide the 128 routed experts" in err and "FAILED" in err

@@ -176,3 +176,36 @@ def test_local_executor_dryrun(tmp_path: Path):
     assert "torchrun " in out.script and "--nnodes 1 --nproc-per-node 2" in out.script
     assert f"{REPO_ROOT}/examples/train.py {out.config_path}" in out.script
     assert "TORCHDYNAMO_DISABLE=1" in out.script and "#SBATCH" not in out.script
+
+
+def test_cli_dryrun_prints_only_the_script(tmp_path: Path):
+    """``pr2 launch --dryrun``: stdout is the sbatch script alone (nemo-run's chatter goes to
+    stderr), so it can be piped into a file and submitted by hand."""
+    import subprocess
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from megatron_pr2.cli import main; main()",
+            "launch",
+            str(RECIPES / "olmoe_1b_7b" / "pr2.yaml"),
+            "--variant",
+            "nodes2",
+            "--partition",
+            "batch",
+            "--job-dir",
+            str(tmp_path),
+            "--dryrun",
+        ],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("#!/bin/bash\n"), done.stdout[:500]
+    assert "#SBATCH --nodes=2" in done.stdout and "#SBATCH --partition=batch" in done.stdout
+    assert "--nnodes 2 --nproc-per-node 8" in done.stdout
+    assert "Entering Experiment" not in done.stdout
