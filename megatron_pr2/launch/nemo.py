@@ -152,7 +152,7 @@ def build_executor(spec: LaunchSpec, home: Path, name: str = "pr2") -> Any:
         configs = str(home / "pr2_configs")
         mounts.append(f"{configs}:{configs}")  # the resolved config at the same path inside
     return run.SlurmExecutor(
-        account=spec.account or "",
+        account=spec.account,  # None: no --account line (an empty one would be invalid)
         job_name_prefix=f"{name}.",
         partition=spec.partition,
         nodes=int(spec.nodes),

@@ -166,6 +166,7 @@ def test_recipe_sbatch(tmp_path: Path, path: Path):
 def test_qwen_8_node_layout_sbatch(tmp_path: Path):
     out = _dryrun(RECIPES / "qwen3_30b_a3b" / "pr2.yaml", tmp_path, "q", ("off8", "nodes8"))
     assert "#SBATCH --nodes=8" in out.script.splitlines()
+    assert "#SBATCH --account" not in out.script  # no account given: no (empty) account line
     assert "--nnodes 8 --nproc-per-node 8" in _srun_line(out.script)
     config = load_config(out.config_path)
     assert config.grpo.off_policy_steps == 8
