@@ -125,6 +125,8 @@ def mcore_to_hf(
                 continue
             if ref.role == "output" and description.share_embeddings_and_output_weights:
                 continue
+            # one dtype for the HF folder: megatron's local-spec norms stay fp32 in bf16 models
+            tensor = tensor.to(description.torch_dtype)
             for name, value in to_hf(arch, shape, ref, tensor, fused).items():
                 if not name.endswith("]"):
                     writer.add(name, value)

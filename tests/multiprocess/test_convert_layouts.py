@@ -118,3 +118,40 @@ def test_convert_at_multi_process_layouts(run_dist, world1, tmp_path):
         assert sorted(converted) == sorted(original), name
         for key, tensor in original.items():
             assert torch.equal(converted[key], tensor), f"{name}: {key}"
+
+
+@pytest.mark.slow
+def test_cli_starts_the_layout_itself_or_runs_under_torchrun(world1, tmp_path):
+    """``tools/convert_checkpoint.py`` (the CPU face of ``pr2 convert``) at EP2: once spawning
+    its own ranks, once as torchrun's ranks; both checkpoints match transformers."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.support.dist import _free_port
+
+    root = Path(__file__).resolve().parents[2]
+    tool = str(root / "tools" / "convert_checkpoint.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1"}
+    model = build_hf_model("mixtral", seed=12)
+    save(model, tmp_path / "hf")
+    args = ["hf-to-mcore", str(tmp_path / "hf"), "--ep", "2", "--no-progress"]
+    commands = {
+        "spawned": [sys.executable, tool, *args[:2], str(tmp_path / "spawned"), *args[2:]],
+        "torchrun": [
+            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            "--master-port", str(_free_port()), tool, *args[:2], str(tmp_path / "torchrun"), *args[2:],
+        ],
+    }  # fmt: skip
+    tokens = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(5))
+    for name, command in commands.items():
+        done = subprocess.run(
+            command, env=env, cwd=root, capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == 0, f"{name}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        assert "wrote" in done.stdout
+        ckpt = tmp_path / name
+        assert load_converted_model_description(ckpt).saved_layout["ep"] == 2
+        chunks = load_chunks(ckpt, load_converted_model_description(ckpt))
+        diff = (mcore_logits(chunks, tokens) - hf_logits(model, tokens)).abs().max().item()
+        assert diff <= TOL, f"{name}: max |logit diff| {diff}"

@@ -224,3 +224,24 @@ def test_qwen3_variants_parity_and_round_trip(world1, tmp_path, variant):
     original, back = _tensors(tmp_path / "hf"), _tensors(tmp_path / "back")
     assert sorted(back) == sorted(original)
     assert all(torch.equal(back[k], original[k]) for k in original)
+
+
+def test_bfloat16_conversion_round_trips_the_cast_weights(world1, tmp_path):
+    import transformers
+
+    model = build_hf_model("mixtral", seed=6)
+    save(model, tmp_path / "hf")
+    description, _ = hf_to_mcore(
+        tmp_path / "hf", tmp_path / "mcore", dtype="bfloat16", show_progress=False
+    )
+    assert description.dtype == "bfloat16"
+    (chunk,) = load_chunks(tmp_path / "mcore", description)
+    dtypes = {p.dtype for n, p in chunk.named_parameters() if "linear" in n or "embed" in n}
+    assert dtypes == {torch.bfloat16}  # (megatron's torch norms stay fp32)
+    mcore_to_hf(tmp_path / "mcore", tmp_path / "back", show_progress=False)
+    original, back = _tensors(tmp_path / "hf"), _tensors(tmp_path / "back")
+    assert all(torch.equal(back[k], original[k].to(torch.bfloat16)) for k in original)
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back")
+    assert reloaded.model.embed_tokens.weight.dtype == torch.bfloat16
