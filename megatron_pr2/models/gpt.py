@@ -117,7 +117,15 @@ def build_model_chunks(
                 vp_stage=stage,
             )
         )
+    if torch.cuda.is_available():  # as megatron's get_model: CPU-initialised, then moved
+        for chunk in chunks:
+            chunk.cuda(torch.cuda.current_device())
     return chunks
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s parameters live (inputs built on the host are moved there)."""
+    return next(model.parameters()).device
 
 
 @dataclass
@@ -136,14 +144,14 @@ class LMBatch:
 
 def lm_forward_step(batches: Iterator[LMBatch], model: GPTModel) -> tuple[torch.Tensor, Callable]:
     batch = next(batches)
-    seq = batch.tokens.shape[1]
-    position_ids = (
-        torch.arange(seq, device=batch.tokens.device).unsqueeze(0).expand_as(batch.tokens)
-    )
-    output = model(batch.tokens, position_ids, attention_mask=None, labels=batch.labels)
+    device = model_device(model)
+    tokens, labels = batch.tokens.to(device), batch.labels.to(device)
+    seq = tokens.shape[1]
+    position_ids = torch.arange(seq, device=device).unsqueeze(0).expand_as(tokens)
+    output = model(tokens, position_ids, attention_mask=None, labels=labels)
 
     def loss_func(per_token_loss: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        mask = batch.loss_mask.to(per_token_loss.dtype)
+        mask = batch.loss_mask.to(per_token_loss.device, per_token_loss.dtype)
         loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1)
         return loss, {"lm_loss": loss.detach()}
 

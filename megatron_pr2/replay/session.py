@@ -245,7 +245,7 @@ class ReplaySession:
                 table[layer] += counters.cpu()
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-            dist.all_reduce(table, group=group)
+            table = self._all_reduce_on_router_device(table, group)
             tp_size = self._routers[self.layers[0]].tp_group.size()
             if tp_size > 1 and not self._config.sequence_parallel:
                 table //= tp_size
@@ -255,6 +255,13 @@ class ReplaySession:
         out = replay_metrics.summarize(per_layer, self.topk)
         out.update(self._predictor_metrics(num_layers, group))
         return out
+
+    def _all_reduce_on_router_device(self, table: torch.Tensor, group) -> torch.Tensor:
+        """All-reduce on the routers' device (NCCL needs GPU tensors), result on the host."""
+        device = self._routers[self.layers[0]].weight.device
+        on_device = table.to(device)
+        torch.distributed.all_reduce(on_device, group=group)
+        return on_device.cpu()
 
     def _predictor_metrics(self, num_layers: int, group) -> dict[str, float]:
         """PR2 metrics (same collective pattern; a no-op table when no router has a predictor)."""
@@ -268,7 +275,7 @@ class ReplaySession:
             return {}
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-            dist.all_reduce(table, group=group)
+            table = self._all_reduce_on_router_device(table, group)
         present = [layer for layer in range(1, num_layers + 1) if table[layer].abs().sum() > 0]
         return predictor_state.summarize({layer: table[layer] for layer in present}, self.topk)
 

@@ -29,10 +29,14 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 from megatron.core.transformer import TransformerConfig
 
 from megatron_pr2.config import PredictorConfig, RouterReplayConfig
-from megatron_pr2.models.gpt import build_model_chunks, lm_forward_backward
+from megatron_pr2.models.gpt import build_model_chunks, lm_forward_backward, model_device
 from megatron_pr2.models.training import PREDICTOR_KEY_FRAGMENT, export_state_dict
 from megatron_pr2.replay.session import ReplaySession
-from megatron_pr2.rl.parallel import broadcast_from_data_parallel_rank0, broadcast_from_last_stage
+from megatron_pr2.rl.parallel import (
+    broadcast_from_data_parallel_rank0,
+    broadcast_from_last_stage,
+    comm_device,
+)
 from megatron_pr2.routes.layout import MicrobatchLayout, RankCoords, rank_token_keys
 
 EngineMode = Literal["r3", "pr2_r3"]
@@ -190,15 +194,13 @@ class RolloutEngine:
             self.chunks, [batch], forward_only=True, forward_step_func=self._next_token_step
         )
         local = outputs[0]["logits"] if outputs else None
-        like = torch.empty(tokens.shape[0], self.vocab_size, dtype=torch.float32)
+        like = torch.empty(tokens.shape[0], self.vocab_size, device=comm_device())
         logits = broadcast_from_last_stage(local, like)
-        return broadcast_from_data_parallel_rank0(logits)
+        return broadcast_from_data_parallel_rank0(logits).cpu()  # sampling runs on the host
 
     def _next_token_step(self, batches, model: torch.nn.Module):
         mb = next(batches)
-        seq = mb.tokens.shape[1]
-        position_ids = torch.arange(seq, device=mb.tokens.device).unsqueeze(0).expand_as(mb.tokens)
-        output = model(mb.tokens, position_ids, attention_mask=None)
+        output = _forward(mb, model)
 
         def loss_func(logits: torch.Tensor):
             rows = torch.arange(logits.shape[0], device=logits.device)
@@ -309,10 +311,7 @@ class RolloutEngine:
 
     @staticmethod
     def _route_step(batches, model: torch.nn.Module):
-        mb = next(batches)
-        seq = mb.tokens.shape[1]
-        position_ids = torch.arange(seq, device=mb.tokens.device).unsqueeze(0).expand_as(mb.tokens)
-        output = model(mb.tokens, position_ids, attention_mask=None)
+        output = _forward(next(batches), model)
         return output, lambda logits: (logits.sum() * 0.0, {})
 
 
@@ -320,6 +319,13 @@ class RolloutEngine:
 class _EngineMicrobatch:
     tokens: torch.Tensor  # [b, s]; what megatron's schedule sizes the pass by
     lengths: torch.Tensor  # [b] real tokens per row
+
+
+def _forward(mb: _EngineMicrobatch, model: torch.nn.Module) -> torch.Tensor:
+    device = model_device(model)
+    tokens = mb.tokens.to(device)
+    position_ids = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
+    return model(tokens, position_ids, attention_mask=None)
 
 
 def _named_tensors(chunks: Sequence[torch.nn.Module]) -> dict[str, torch.Tensor]:

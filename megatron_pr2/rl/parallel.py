@@ -42,6 +42,13 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def comm_device() -> torch.device:
+    """Where tensors for collectives must live: the current GPU under NCCL, else the host."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def ensure_model_parallel(sizes: ParallelSizes) -> None:
     """Initialise megatron's model-parallel state for ``sizes`` (or check the existing one)."""
     world = _world()
@@ -93,7 +100,7 @@ def broadcast_from_last_stage(tensor: torch.Tensor | None, like: torch.Tensor) -
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         assert tensor is not None
         return tensor
-    out = tensor if tensor is not None else torch.empty_like(like)
+    out = tensor.to(like.device) if tensor is not None else torch.empty_like(like)
     dist.broadcast(
         out, src=_last_stage_source(), group=parallel_state.get_pipeline_model_parallel_group()
     )

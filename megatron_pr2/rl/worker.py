@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_pr2.config import RouterReplayConfig
-from megatron_pr2.models.gpt import lm_forward_backward
+from megatron_pr2.models.gpt import lm_forward_backward, model_device
 from megatron_pr2.models.training import TrainingSetup, setup_training, train_step
 from megatron_pr2.replay.session import PreparedRoutes, ReplaySession, Routes, RouteTrace
 from megatron_pr2.rl.engine import Rollout, rollout_layouts
@@ -30,6 +30,7 @@ from megatron_pr2.rl.parallel import (
     all_gather_data_parallel,
     broadcast_from_last_stage,
     combine_last_stage_metrics,
+    comm_device,
     data_parallel_rank_size,
     gather_route_traces,
 )
@@ -125,9 +126,10 @@ def _token_logprobs(per_token_loss: torch.Tensor) -> torch.Tensor:
 
 
 def _model_forward(mb: _Microbatch, model: torch.nn.Module) -> torch.Tensor:
-    seq = mb.tokens.shape[1]
-    position_ids = torch.arange(seq, device=mb.tokens.device).unsqueeze(0).expand_as(mb.tokens)
-    return model(mb.tokens, position_ids, attention_mask=None, labels=mb.labels)
+    device = model_device(model)
+    tokens = mb.tokens.to(device)
+    position_ids = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
+    return model(tokens, position_ids, attention_mask=None, labels=mb.labels.to(device))
 
 
 def _logprob_step(batches: Iterator[_Microbatch], model: torch.nn.Module):
@@ -164,6 +166,7 @@ def _pg_step(
             }
             if d.generation_logprobs is not None:
                 data["generation_logprobs"] = d.generation_logprobs
+            data = {k: v.to(per_token_loss.device) for k, v in data.items()}
             loss, metrics = loss_fn(
                 _token_logprobs(per_token_loss.float()), data, valid_tokens, valid_seqs
             )
@@ -311,10 +314,10 @@ class PolicyWorker:
         """This rank's micro-batches' log-probs (last pipeline stage) -> the whole batch's, on
         every rank: broadcast over the pipeline, gathered over data parallelism."""
         mbs, seq = self.micro_batch_size, int(batch.tokens.shape[1])
-        like = torch.empty(num_local * mbs, seq, dtype=torch.float32)
+        like = torch.empty(num_local * mbs, seq, dtype=torch.float32, device=comm_device())
         local = torch.cat([o["logprobs"] for o in outputs], dim=0) if outputs else None
         local = broadcast_from_last_stage(local, like)
-        gathered = all_gather_data_parallel(local)  # DP-rank order
+        gathered = all_gather_data_parallel(local).cpu()  # DP-rank order, on the host
         if self.dp_size == 1:
             return gathered
         per_rank = gathered.view(self.dp_size, num_local, mbs, seq)
