@@ -154,7 +154,7 @@ def hf_to_mcore(
                     param.copy_(value.to(param.dtype))
                     stats.tensors += 1
                     stats.bytes_read += value.numel() * value.element_size()
-        except ConversionError as exc:
+        except Exception as exc:  # every rank must learn of it before the collective save
             error = exc
         agree(error)
         unused = _unused_tensors(reader, shape)

@@ -22,6 +22,7 @@ from megatron_pr2.convert.hf_config import HFModelShape
 from megatron_pr2.convert.safetensors_io import SafetensorsReader
 from megatron_pr2.convert.transforms import (
     fuse_qkv,
+    gate_up_shard,
     shard,
     split_gate_up,
     split_qkv,
@@ -236,7 +237,7 @@ class HFToMegatron:
             name = self._n(names.fused_gate_up, ref)
             # [E, 2I, H]: gate rows, then up rows; the rank's chunk of each
             halves = self._part(name, (num, 2 * ffn, hidden), 0, 0, 1, lead=(e,)).chunk(2)
-            return torch.cat([shard(h, 0, *etp) for h in halves])
+            return gate_up_shard(halves[0], halves[1], *etp)
         if ref.role == "expert_fc2":
             return self._part(self._n(names.down, ref, e), (hidden, ffn), 1, *etp)
         gate = self._part(self._n(names.gate, ref, e), (ffn, hidden), 0, *etp)

@@ -27,10 +27,10 @@ from tests.support.hf_models import build_hf_model, hf_logits, mcore_logits, sav
 
 TOL = 1e-4
 CASES = [  # (arch, fused expert files, layout)
-    ("qwen3_moe", False, ConvertLayout(tp=2, ep=2)),  # ETP2
+    ("qwen3_moe", True, ConvertLayout(tp=2, ep=2)),  # ETP2 slices of fused expert tensors
     ("olmoe", True, ConvertLayout(tp=2, ep=2, etp=1)),  # full-width q/k norm across TP
-    ("mixtral", False, ConvertLayout(pp=2, ep=2)),
-    ("qwen3_moe", True, ConvertLayout(pp=2, vp=2, ep=2)),
+    ("mixtral", False, ConvertLayout(tp=2, pp=2)),  # ETP2 slices of per-expert tensors
+    ("qwen3_moe", False, ConvertLayout(pp=2, vp=2, ep=2)),
 ]
 
 
