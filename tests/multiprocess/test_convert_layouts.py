@@ -155,3 +155,30 @@ def test_cli_starts_the_layout_itself_or_runs_under_torchrun(world1, tmp_path):
         chunks = load_chunks(ckpt, load_converted_model_description(ckpt))
         diff = (mcore_logits(chunks, tokens) - hf_logits(model, tokens)).abs().max().item()
         assert diff <= TOL, f"{name}: max |logit diff| {diff}"
+
+
+def _missing_tensor_worker(rank: int, world_size: int, root: str) -> None:
+    from megatron_pr2.convert import ConversionError
+
+    try:
+        hf_to_mcore(
+            Path(root) / "hf", Path(root) / "out", layout=ConvertLayout(ep=2), show_progress=False
+        )
+    except ConversionError as exc:
+        # only EP rank 1 holds expert 7, yet every rank fails with its name (no hang)
+        assert "model.layers.1.mlp.experts.7.down_proj.weight" in str(exc), str(exc)
+    else:
+        raise AssertionError(f"rank {rank}: conversion of a folder missing a tensor succeeded")
+
+
+@pytest.mark.slow
+def test_a_tensor_missing_on_one_rank_fails_every_rank_and_leaves_nothing(run_dist, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save(build_hf_model("qwen3_moe", seed=13), tmp_path / "hf")
+    path = tmp_path / "hf" / "model.safetensors"
+    tensors = load_file(str(path))
+    del tensors["model.layers.1.mlp.experts.7.down_proj.weight"]
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    run_dist(_missing_tensor_worker, 2, str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
