@@ -26,7 +26,6 @@ import datetime
 import gc
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -45,6 +44,9 @@ from megatron_pr2.routes import layout as L  # noqa: E402
 from megatron_pr2.routes import payload as P  # noqa: E402
 
 RESULTS_PATH = ROOT / "bench" / "RESULTS.md"
+sys.path.insert(0, str(ROOT / "bench"))
+from results import write_section  # noqa: E402  (bench/ is not a package)
+
 HEADING = "## Route codec and alignment (issue 4)"
 TOKENS, LAYERS, TOPK, EXPERTS = 16384, 48, 8, 128
 
@@ -198,13 +200,7 @@ rows, duplicate ids); with range checks only, parsing runs at codec speed.
 
 
 def write_results(text: str) -> None:
-    current = RESULTS_PATH.read_text() if RESULTS_PATH.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    if pattern.search(current):
-        updated = pattern.sub(lambda _: text.rstrip("\n") + "\n\n", current, count=1)
-    else:
-        updated = current.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
-    RESULTS_PATH.write_text(updated.rstrip("\n") + "\n")
+    write_section(HEADING, text, RESULTS_PATH)
 
 
 def main() -> None:

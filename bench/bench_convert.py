@@ -23,7 +23,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import resource
 import shutil
 import subprocess
@@ -34,6 +33,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_PATH = ROOT / "bench" / "RESULTS.md"
+sys.path.insert(0, str(ROOT / "bench"))
+from results import write_section  # noqa: E402  (bench/ is not a package)
+
 HEADING = "## Checkpoint conversion (issue 6)"
 SHAPE = dict(
     vocab_size=32000,
@@ -178,13 +180,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:
-        current = RESULTS_PATH.read_text() if RESULTS_PATH.exists() else "# Benchmark results\n"
-        pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-        if pattern.search(current):
-            updated = pattern.sub(lambda _: text + "\n", current)
-        else:
-            updated = current.rstrip("\n") + "\n\n" + text
-        RESULTS_PATH.write_text(updated.rstrip("\n") + "\n")
+        write_section(HEADING, text, RESULTS_PATH)
         print(f"wrote {RESULTS_PATH.relative_to(ROOT)}")
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -25,6 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_PATH = ROOT / "bench" / "RESULTS.md"
+sys.path.insert(0, str(ROOT / "bench"))
+from results import write_section  # noqa: E402  (bench/ is not a package)
+
 HEADING = "## GRPO loop throughput (issue 5)"
 MODES = ("none", "r2", "r3", "pr2", "pr2_r3")
 CONFIG = "examples/tiny/grpo_off4.yaml"
@@ -85,13 +87,7 @@ def table(results: dict[str, list[tuple[float, float]]]) -> str:
 
 
 def write_results(text: str) -> None:
-    current = RESULTS_PATH.read_text() if RESULTS_PATH.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    if pattern.search(current):
-        updated = pattern.sub(lambda _: text.rstrip("\n") + "\n\n", current, count=1)
-    else:
-        updated = current.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
-    RESULTS_PATH.write_text(updated.rstrip("\n") + "\n")
+    write_section(HEADING, text, RESULTS_PATH)
 
 
 def main() -> None:
