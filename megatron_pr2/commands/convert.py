@@ -70,6 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``pr2 convert`` (hf-to-mcore / mcore-to-hf) to the ``pr2`` parser."""
     parser = subparsers.add_parser("convert", help="HF <-> megatron checkpoint conversion")
     add_arguments(parser)
     parser.set_defaults(handler=run)
@@ -168,6 +169,8 @@ def _precheck(kwargs: dict[str, Any]) -> int:
 
 
 def run(args: argparse.Namespace, launcher: Launcher | None = None) -> int:
+    """Handler: 0 on success, 1 with a one-line error for bad input, 2 without CUDA or a
+    launcher (``tools/convert_checkpoint.py`` passes the CPU one)."""
     from megatron_pr2.convert import ConversionError
 
     if launcher is None:

@@ -53,6 +53,7 @@ class Architecture:
     check: Callable[[dict[str, Any]], None] | None = None
 
     def attention_names(self) -> dict[str, str]:
+        """HF attention tensor names (``{layer}`` template) for this row."""
         names = {
             "q": LAYER + "self_attn.q_proj.weight",
             "k": LAYER + "self_attn.k_proj.weight",

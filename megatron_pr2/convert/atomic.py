@@ -44,6 +44,7 @@ def agree(error: BaseException | None) -> None:
 
 
 def partial_path(target: Path) -> Path:
+    """Hidden sibling of ``target``: same filesystem, so the final rename is atomic."""
     return target.parent / f".{target.name}.partial"
 
 

@@ -42,6 +42,7 @@ class HFModelShape:
 
 
 def read_config_json(folder: str | Path) -> dict[str, Any]:
+    """The raw ``config.json`` of an HF folder (kept verbatim for the way back)."""
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise ConversionError(f"{path}: no config.json in the Hugging Face folder")

@@ -45,6 +45,7 @@ class ConversionStats:
 
 
 def resolve_dtype(config: dict[str, Any], dtype: str) -> str:
+    """``auto`` means the HF config's own dtype (either key spelling), else float32."""
     if dtype == "auto":
         dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
     dtype = dtype.replace("torch.", "")

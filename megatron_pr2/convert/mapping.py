@@ -86,6 +86,7 @@ class Ranks:
 
     @classmethod
     def current(cls, num_experts: int) -> Ranks:
+        """This process's coordinates in megatron's current parallel state."""
         from megatron.core import parallel_state as ps
 
         ep = ps.get_expert_model_parallel_world_size()

@@ -50,6 +50,7 @@ class ModelDescription:
 
     @classmethod
     def from_json(cls, text: str, source: str = DESCRIPTION_NAME) -> ModelDescription:
+        """Parse and check format, version and keys (errors name the key)."""
         try:
             payload = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -74,6 +75,7 @@ class ModelDescription:
 
 
 def save_model_description(description: ModelDescription, directory: str | Path) -> Path:
+    """Write ``pr2_model.json`` into ``directory``."""
     path = Path(directory) / DESCRIPTION_NAME
     path.write_text(description.to_json())
     return path

@@ -8,6 +8,7 @@ from megatron_pr2.convert.layout import ConvertLayout
 
 
 def world_size() -> int:
+    """Processes in the default group (1 without torch.distributed)."""
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_initialized() else 1

@@ -125,6 +125,7 @@ class SafetensorsReader:
         return tuple(self._entries[name]["shape"])
 
     def total_bytes(self) -> int:
+        """Bytes of tensor data in the folder (for throughput figures)."""
         return sum(e["data_offsets"][1] - e["data_offsets"][0] for e in self._entries.values())
 
     def _require(self, name: str) -> None:
@@ -179,6 +180,7 @@ class ShardedSafetensorsWriter:
         self.bytes_written = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue ``tensor``; writes the pending shard first if it would grow too big."""
         if name in self._pending or any(name in s for s in self._shards):
             raise ConversionError(f"tensor {name!r} written twice")
         nbytes = tensor.numel() * tensor.element_size()
