@@ -141,3 +141,16 @@ def test_reader_unmaps_while_streaming_and_reads_slices(tmp_path):
     assert torch.equal(part, tensors["t4"][:, 8:16])
     with pytest.raises(ConversionError, match=r"tensor 't1': shape \[64, 32\] does not match"):
         reader.get("t1", (32, 64))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU hint is for machines without CUDA")
+def test_pr2_convert_without_cuda_points_to_the_cpu_tool(capsys):
+    import argparse
+
+    from megatron_pr2.commands import convert
+
+    parser = argparse.ArgumentParser(prog="pr2")
+    convert.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["convert", "mcore-to-hf", "a", "b"])
+    assert args.handler(args) == 2
+    assert "tools/convert_checkpoint.py" in capsys.readouterr().err
