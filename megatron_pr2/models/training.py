@@ -129,10 +129,14 @@ def load_checkpoint(
 
     state = _model_sharded_state_dict(setup)
     missing_predictor = _drop_missing_predictor_keys(state, directory)
-    load_optimizer = load_optimizer and not missing_predictor
+    unused_predictor = _unused_predictor_keys(state, directory)
+    load_optimizer = load_optimizer and not missing_predictor and not unused_predictor
     if load_optimizer:
         state["optimizer"] = setup.optimizer.sharded_state_dict(_flat(state), is_loading=True)
-    loaded = dist_checkpointing.load(state, str(directory), strict=StrictHandling.RAISE_ALL)
+    # A model without predictor (r2, r3, none) may start from a PR2 checkpoint: only then are
+    # unexpected keys allowed, and only the predictor's.
+    strict = StrictHandling.LOG_UNEXPECTED if unused_predictor else StrictHandling.RAISE_ALL
+    loaded = dist_checkpointing.load(state, str(directory), strict=strict)
     for i, module in enumerate(setup.modules):
         key = "model" if len(setup.modules) == 1 else f"model{i}"
         module.load_state_dict(loaded[key], strict=not missing_predictor)
@@ -144,6 +148,23 @@ def load_checkpoint(
             "they start at zero (PR2 behaves as R2 until trained); optimizer state not loaded",
             stacklevel=2,
         )
+
+
+def _unused_predictor_keys(state: dict, directory: str | Path) -> list[str]:
+    """Predictor tensors in the checkpoint that this model does not have (it has none)."""
+    requested = {
+        getattr(sharded, "key", None) for part in state.values() for sharded in part.values()
+    }
+    saved = dist_checkpointing.load_tensors_metadata(str(directory)).keys()
+    unused = [k for k in saved if k not in requested]
+    if unused and all(PREDICTOR_KEY_FRAGMENT in k for k in unused):
+        warnings.warn(
+            f"checkpoint {directory}: predictor weights ignored (this replay mode has no "
+            f"predictor): {sorted(unused)}",
+            stacklevel=3,
+        )
+        return unused
+    return []
 
 
 def _drop_missing_predictor_keys(state: dict, directory: str | Path) -> list[str]:

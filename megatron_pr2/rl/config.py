@@ -122,6 +122,9 @@ class PolicyConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     max_total_sequence_length: int | None = None  # default: longest prompt + max_new_tokens
+    # A converted checkpoint (`pr2 convert hf-to-mcore` output) to start from; the shape keys
+    # below are then ignored (the model comes from its pr2_model.json).
+    model_path: str | None = None
     num_layers: int = 2
     hidden_size: int = 32
     ffn_hidden_size: int = 64

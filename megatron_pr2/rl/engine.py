@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,6 +40,7 @@ from megatron_pr2.rl.parallel import (
 from megatron_pr2.routes.layout import MicrobatchLayout, RankCoords, rank_token_keys
 
 EngineMode = Literal["r3", "pr2_r3"]
+ChunkBuilder = Callable[[TransformerConfig, RouterReplayConfig], list[torch.nn.Module]]
 
 __all__ = ["EngineMode", "Rollout", "RolloutEngine", "bf16_engine_config", "rollout_layouts"]
 
@@ -130,7 +131,13 @@ class RolloutEngine:
         eos_id: int,
         mode: EngineMode = "r3",
         predictor: PredictorConfig | None = None,
+        build_chunks: ChunkBuilder | None = None,
+        sample_vocab_size: int | None = None,
     ) -> None:
+        """``build_chunks(config, replay_config)``: how to build the model (default: the tiny
+        GPT of ``models.gpt``; a converted checkpoint brings its own). ``sample_vocab_size``:
+        sample only ids below it (a task tokenizer smaller than the model's vocabulary);
+        ``generation_logprobs`` stay the full-vocabulary ones, like vLLM's raw log-probs."""
         if mode not in ("r3", "pr2_r3"):
             raise ValueError(f"engine mode must be r3 or pr2_r3, got {mode!r}")
         self.mode: EngineMode = mode
@@ -140,12 +147,16 @@ class RolloutEngine:
             collect_metrics=False,  # the engine never replays
             predictor=predictor or PredictorConfig(),
         )
-        self.chunks = build_model_chunks(config, vocab_size, max_sequence_length, replay)
+        if build_chunks is None:
+            self.chunks = build_model_chunks(config, vocab_size, max_sequence_length, replay)
+        else:
+            self.chunks = build_chunks(config, replay)
         for chunk in self.chunks:
             chunk.eval()
             _to_bf16_except_predictor(chunk)
         self.session = ReplaySession(self.chunks)
         self.vocab_size = vocab_size
+        self.sample_vocab_size = sample_vocab_size or vocab_size
         self.max_sequence_length = max_sequence_length
         self.pad_id, self.eos_id = pad_id, eos_id
         self._coords = RankCoords.from_megatron(bool(config.sequence_parallel))
@@ -260,7 +271,7 @@ class RolloutEngine:
             width = min(self._padded_width(int(lengths.max())), total)
             with self._predicted_routes():
                 last = self._next_token_logits(tokens[:, :width].contiguous(), lengths)
-            sampled = _sample(last, temperature, top_p, generator)
+            sampled = _sample(last[:, : self.sample_vocab_size], temperature, top_p, generator)
             raw = torch.log_softmax(last, dim=-1).gather(1, sampled[:, None]).squeeze(1)
             active = ~done
             tokens[rows[active], lengths[active]] = sampled[active]

@@ -20,13 +20,18 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+from megatron.core.transformer import TransformerConfig
 
+from megatron_pr2.config import RouterReplayConfig
 from megatron_pr2.models.gpt import (
     LMBatch,
     TinyMoEShape,
@@ -34,7 +39,7 @@ from megatron_pr2.models.gpt import (
     lm_forward_step,
     moe_transformer_config,
 )
-from megatron_pr2.models.training import train_step
+from megatron_pr2.models.training import load_checkpoint, train_step
 from megatron_pr2.rl.advantages import grpo_advantages
 from megatron_pr2.rl.checkpoint import (
     capture_rng,
@@ -87,6 +92,68 @@ def _shape(config: MasterConfig, task: SyntheticTask) -> tuple[TinyMoEShape, int
         max_sequence_length=max_seq,
     )
     return shape, max_new
+
+
+@dataclass
+class PolicyModel:
+    """What the trainer builds: the model config, a chunk builder (also used by the engine, with
+    its bf16 config) and, for a converted checkpoint, where its weights and description are."""
+
+    config: TransformerConfig
+    build: Callable[[TransformerConfig, RouterReplayConfig], list[torch.nn.Module]]
+    vocab_size: int
+    max_sequence_length: int
+    max_new_tokens: int
+    checkpoint: Path | None = None
+    description_file: Path | None = None
+
+
+def _policy_model(config: MasterConfig, task: SyntheticTask) -> PolicyModel:
+    """The tiny GPT of ``policy.*`` shape keys, or the converted checkpoint at
+    ``policy.model_path`` (``pr2 convert hf-to-mcore``; its shape keys are then ignored)."""
+    p = config.policy
+    shape, max_new = _shape(config, task)
+    if p.model_path is None:
+        model_config = moe_transformer_config(shape, sequence_parallel=p.uses_sequence_parallel)
+        return PolicyModel(
+            model_config,
+            lambda cfg, replay: build_model_chunks(
+                cfg, shape.vocab_size, shape.max_sequence_length, replay
+            ),
+            shape.vocab_size,
+            shape.max_sequence_length,
+            max_new,
+        )
+    from megatron_pr2.convert.model import (
+        DESCRIPTION_NAME,
+        build_model_chunks_from_description,
+        load_converted_model_description,
+        transformer_config_from_description,
+    )
+
+    description = load_converted_model_description(p.model_path)
+    if description.vocab_size < task.tokenizer.vocab_size:
+        raise ValueError(
+            f"policy.model_path: the model's vocabulary ({description.vocab_size}) is smaller "
+            f"than the task tokenizer's ({task.tokenizer.vocab_size})"
+        )
+    if description.max_sequence_length < shape.max_sequence_length:
+        raise ValueError(
+            f"policy.model_path: max_sequence_length {description.max_sequence_length} < the "
+            f"task's longest prompt + generation ({shape.max_sequence_length})"
+        )
+    model_config = transformer_config_from_description(
+        description, sequence_parallel=p.uses_sequence_parallel
+    )
+    return PolicyModel(
+        model_config,
+        lambda cfg, replay: build_model_chunks_from_description(description, replay, config=cfg),
+        description.vocab_size,
+        description.max_sequence_length,
+        max_new,
+        checkpoint=Path(p.model_path),
+        description_file=Path(p.model_path) / DESCRIPTION_NAME,
+    )
 
 
 def _set_lr(worker: PolicyWorker, lr: float, base: float) -> None:
@@ -172,14 +239,10 @@ def train(config: MasterConfig) -> list[dict[str, Any]]:
 
     task = SyntheticTask(config.task)
     tok = task.tokenizer
-    shape, max_new = _shape(config, task)
-    model_config = moe_transformer_config(shape, sequence_parallel=p.uses_sequence_parallel)
+    model = _policy_model(config, task)
     worker_replay = replay.worker_config()
-    chunks = build_model_chunks(
-        model_config, shape.vocab_size, shape.max_sequence_length, worker_replay
-    )
     worker = PolicyWorker(
-        chunks,
+        model.build(model.config, worker_replay),
         worker_replay,
         lr=p.lr,
         micro_batch_size=p.micro_batch_size,
@@ -188,14 +251,17 @@ def train(config: MasterConfig) -> list[dict[str, Any]]:
         trace_routes=config.logger.route_traces and worker_replay.installs_router,
     )
     engine = RolloutEngine(
-        bf16_engine_config(model_config),
-        shape.vocab_size,
-        shape.max_sequence_length,
+        bf16_engine_config(model.config),
+        model.vocab_size,
+        model.max_sequence_length,
         pad_id=tok.pad_id,
         eos_id=tok.eos_id,
         mode=replay.engine_mode,  # type: ignore[arg-type]
         predictor=replay.predictor,
+        build_chunks=model.build,
+        sample_vocab_size=tok.vocab_size,
     )
+    max_new = model.max_new_tokens
     loss_fn = ClippedPGLossFn(config.loss_config())
 
     log_dir = Path(config.logger.log_dir)
@@ -213,6 +279,8 @@ def train(config: MasterConfig) -> list[dict[str, Any]]:
         if main_rank:
             print(f"resumed from {path} (step {start_step})", flush=True)
     else:
+        if model.checkpoint is not None:  # a converted checkpoint: its weights, zero predictor
+            load_checkpoint(worker.setup, model.checkpoint, load_optimizer=False)
         t0 = time.perf_counter()
         sft_losses = supervised_warm_start(worker, task, config, rng)
         sft_time = time.perf_counter() - t0
@@ -265,6 +333,9 @@ def train(config: MasterConfig) -> list[dict[str, Any]]:
                     {"rng": capture_rng(rng, sampler)},
                     keep_last=ckpt.keep_top_k,
                 )
+                if main_rank and model.description_file is not None:
+                    # `pr2 convert mcore-to-hf` reads the description next to the weights
+                    shutil.copy(model.description_file, path / "model")
                 if logger is not None:
                     logger.write(f"saved {path}")
     return history
