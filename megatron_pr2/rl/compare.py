@@ -101,7 +101,11 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 def _fmt(mean: float, std: float, n: int) -> str:
     if not math.isfinite(mean):
         return "–"
-    return f"{mean:.4f}" if n < 2 else f"{mean:.4f} ± {std:.4f}"
+
+    def num(x: float) -> str:  # 4 decimals, or 3 significant digits for small values
+        return f"{x:.4f}" if x == 0 or abs(x) >= 0.01 else f"{x:.3g}"
+
+    return num(mean) if n < 2 else f"{num(mean)} ± {num(std)}"
 
 
 def _groups(runs: Sequence[RunSummary]) -> dict[str, list[RunSummary]]:
