@@ -170,6 +170,7 @@ def plot_runs(runs: Sequence[RunSummary], path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     groups = _groups(runs)
+    color = {label: f"C{i}" for i, label in enumerate(groups)}  # one colour per run group
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     curves = (
         (axes[0, 0], "train/reward", "reward"),
@@ -182,7 +183,7 @@ def plot_runs(runs: Sequence[RunSummary], path: str | Path) -> None:
         for label, members in groups.items():
             curve = _group_curve(members, metric)
             if any(math.isfinite(v) for v in curve):
-                ax.plot(range(1, len(curve) + 1), _smoothed(curve), label=label)
+                ax.plot(range(1, len(curve) + 1), _smoothed(curve), label=label, color=color[label])
         ax.set_title(title)
         ax.set_xlabel("step")
     ax = axes[0, 1]
@@ -193,9 +194,10 @@ def plot_runs(runs: Sequence[RunSummary], path: str | Path) -> None:
             for i in range(kappa)
         ]
         if any(math.isfinite(v) for v in means):
-            ax.plot(range(kappa), means, marker="o", label=label)
+            ax.plot(range(kappa), means, marker="o", label=label, color=color[label])
     ax.set_title("zero-deviation ratio per mini-step")
     ax.set_xlabel("mini-step")
+    ax.set_xticks(range(kappa))
     for ax in axes.flat:
         ax.grid(alpha=0.3)
     axes[0, 0].legend()
