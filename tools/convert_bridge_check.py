@@ -131,9 +131,9 @@ def bridge_tensors(hf_dir: Path, AutoBridge, local_layer_spec) -> dict:
 def main() -> int:
     sys.path.insert(0, str(ROOT))
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    from tests.support.dist import _free_port, init_process
+    from tests.support.dist import free_port, init_process
 
-    init_process(0, 1, _free_port())  # CPU shim (triton stand-in for 0.19) + gloo world 1
+    init_process(0, 1, free_port())  # CPU shim (triton stand-in for 0.19) + gloo world 1
     try:
         AutoBridge, local_layer_spec = import_bridge()
     except Exception as exc:  # the check cannot run here: say so loudly, distinctly

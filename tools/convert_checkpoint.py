@@ -23,9 +23,9 @@ class CpuLauncher:
     """gloo process groups with the CPU shim installed in every process."""
 
     def init_world1(self) -> None:
-        from tests.support.dist import _free_port, init_process
+        from tests.support.dist import free_port, init_process
 
-        init_process(0, 1, _free_port())
+        init_process(0, 1, free_port())
 
     def init_from_env(self) -> None:
         import torch.distributed as dist

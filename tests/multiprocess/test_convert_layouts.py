@@ -128,7 +128,7 @@ def test_cli_starts_the_layout_itself_or_runs_under_torchrun(world1, tmp_path):
     import subprocess
     import sys
 
-    from tests.support.dist import _free_port
+    from tests.support.dist import free_port
 
     root = Path(__file__).resolve().parents[2]
     tool = str(root / "tools" / "convert_checkpoint.py")
@@ -140,7 +140,7 @@ def test_cli_starts_the_layout_itself_or_runs_under_torchrun(world1, tmp_path):
         "spawned": [sys.executable, tool, *args[:2], str(tmp_path / "spawned"), *args[2:]],
         "torchrun": [
             sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-            "--master-port", str(_free_port()), tool, *args[:2], str(tmp_path / "torchrun"), *args[2:],
+            "--master-port", str(free_port()), tool, *args[:2], str(tmp_path / "torchrun"), *args[2:],
         ],
     }  # fmt: skip
     tokens = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(5))

@@ -26,9 +26,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-_free_port = free_port  # older name, still used by tools/
-
-
 @dataclass(frozen=True)
 class Layout:
     """Model-parallel sizes; data parallel is whatever world size is left."""
@@ -65,21 +62,11 @@ def init_process(rank: int, world_size: int, port: int) -> None:
 
 
 def init_layout(layout: Layout, seed: int = 1234) -> None:
-    """(Re)initialise megatron's model-parallel state for ``layout``."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    """(Re)initialise megatron's model-parallel state for ``layout`` (the package's own
+    helper; ``Layout`` has the fields it reads)."""
+    from megatron_pr2.convert.runtime import init_parallel_state
 
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vp,
-        expert_model_parallel_size=layout.ep,
-        expert_tensor_parallel_size=layout.etp,
-    )
-    model_parallel_cuda_manual_seed(seed)
-    torch.manual_seed(seed)
+    init_parallel_state(layout, seed)  # type: ignore[arg-type]
 
 
 def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, errors: Any) -> None:
