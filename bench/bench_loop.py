@@ -1,13 +1,14 @@
 """Throughput of the whole GRPO loop per replay mode, measured side by side in one run.
 
-Each mode runs the same config (the tiny task, off-4, no warm start) for ``--steps`` GRPO
-steps; modes are interleaved round robin over ``--repeats`` rounds so that machine load drifts
+Each mode runs the same config (the tiny task, off-4, the evidence run's supervised warm start,
+so rewards, advantages and router drift are those of a real run) for ``--steps`` GRPO steps; modes are interleaved round robin over ``--repeats`` rounds so that machine load drifts
 hit every mode alike. Reported: trained tokens per second (prompt + response tokens of the
 rollout batch / step wall time, step 1 of each run dropped as warm-up) and the step time ratio
 to ``r2``. Target: ``pr2`` <= 1.05x ``r2`` wall time.
 
 Run from the repo root on a quiet machine: ``.venv/bin/python bench/bench_loop.py``. Writes its
-section of ``bench/RESULTS.md``.
+section of ``bench/RESULTS.md``. On a CUDA machine (``python bench/bench_loop.py``, world 1) it
+prints the table only: paste it with the card's name.
 """
 
 from __future__ import annotations
@@ -38,50 +39,73 @@ def _setup() -> None:
     import torch
 
     if torch.cuda.is_available():
-        raise SystemExit("this benchmark is the CPU one")
+        from megatron_pr2.commands.train import init_distributed_cuda
+
+        init_distributed_cuda()
+        return
     torch.set_num_threads(1)
     from tests.support.dist import init_single_process
 
     init_single_process()
 
 
-def _run(mode: str, steps: int, log_dir: str) -> list[tuple[float, float]]:
-    """(tokens, seconds) of each step after the first."""
+PHASES = {
+    "total": "timing/train/total_step_time",
+    "generation": "timing/train/generation",
+    "logprobs": "timing/train/policy_and_reference_logprobs",
+    "training": "timing/train/policy_training",
+}
+
+
+def _run(mode: str, steps: int, sft_steps: int, log_dir: str) -> list[dict[str, float]]:
+    """Tokens and phase seconds of each step after the first."""
     from megatron_pr2.rl.config import load_config
     from megatron_pr2.rl.trainer import train
 
     overrides = [
         f"policy.router_replay.mode={mode}",
         f"grpo.max_num_steps={steps}",
-        "grpo.sft_warmup_steps=0",
+        f"grpo.sft_warmup_steps={sft_steps}",
         f"logger.log_dir={log_dir}",
         "logger.tensorboard_enabled=false",
         "logger.progress_bar=false",
     ]
     history = train(load_config(str(ROOT / CONFIG), overrides))
-    return [(m["train/num_tokens"], m["timing/train/total_step_time"]) for m in history[1:]]
+    return [
+        {"tokens": m["train/num_tokens"], **{k: m[key] for k, key in PHASES.items()}}
+        for m in history[1:]
+    ]
 
 
-def measure(steps: int, repeats: int) -> dict[str, list[tuple[float, float]]]:
-    results: dict[str, list[tuple[float, float]]] = {mode: [] for mode in MODES}
+def measure(steps: int, repeats: int, sft_steps: int) -> dict[str, list[dict[str, float]]]:
+    results: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(repeats):
             for mode in MODES:
-                results[mode] += _run(mode, steps, f"{tmp}/{mode}-{rep}")
+                results[mode] += _run(mode, steps, sft_steps, f"{tmp}/{mode}-{rep}")
     return results
 
 
-def table(results: dict[str, list[tuple[float, float]]]) -> str:
-    r2_step = statistics.median(s for _, s in results["r2"])
+def _median(samples: list[dict[str, float]], phase: str) -> float:
+    return statistics.median(sample[phase] for sample in samples)
+
+
+def table(results: dict[str, list[dict[str, float]]]) -> str:
+    r2 = {phase: _median(results["r2"], phase) for phase in PHASES}
     lines = [
-        "| mode | steps timed | median step (s) | tokens/s | step time vs r2 |",
-        "|---|---|---|---|---|",
+        "| mode | steps timed | median step (s) | tokens/s | step vs r2 | generation (s) "
+        "| old log-probs (s) | training (s) | log-probs + training vs r2 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for mode, samples in results.items():
-        step = statistics.median(s for _, s in samples)
-        tokens_per_s = sum(t for t, _ in samples) / sum(s for _, s in samples)
+        step = _median(samples, "total")
+        tokens_per_s = sum(s["tokens"] for s in samples) / sum(s["total"] for s in samples)
+        replay_part = _median(samples, "logprobs") + _median(samples, "training")
         lines.append(
-            f"| {mode} | {len(samples)} | {step:.3f} | {tokens_per_s:.0f} | {step / r2_step:.3f}x |"
+            f"| {mode} | {len(samples)} | {step:.3f} | {tokens_per_s:.0f} "
+            f"| {step / r2['total']:.3f}x | {_median(samples, 'generation'):.3f} "
+            f"| {_median(samples, 'logprobs'):.3f} | {_median(samples, 'training'):.3f} "
+            f"| {replay_part / (r2['logprobs'] + r2['training']):.3f}x |"
         )
     return "\n".join(lines)
 
@@ -92,7 +116,10 @@ def write_results(text: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument(
+        "--sft-steps", type=int, default=300, help="supervised warm start (not timed)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
@@ -100,19 +127,21 @@ def main() -> None:
     _setup()
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    results = measure(args.steps, args.repeats)
+    results = measure(args.steps, args.repeats, args.sft_steps)
     total = time.perf_counter() - start
     body = table(results)
     print(body)
-    if args.no_write:
-        return
     import torch
+
+    if args.no_write or torch.cuda.is_available():
+        return
 
     text = f"""{HEADING}
 
 `{" ".join(["python bench/bench_loop.py", *sys.argv[1:]])}` on {platform.machine()}, {os.cpu_count()} CPU
 cores, torch {torch.__version__} (1 thread), world 1; config `{CONFIG}` (8 prompts x 8 samples,
-off-4, micro-batch 8) without warm start, {args.steps} steps per run, modes interleaved over
+off-4, micro-batch 8) after {args.sft_steps} supervised warm-start steps (not timed), {args.steps}
+GRPO steps per run, modes interleaved over
 {args.repeats} rounds ({total:.0f} s in all; load average {load_before:.2f} before). Step time =
 refit + generation + rewards + old log-probs + 4 mini-steps; the first step of each run is
 dropped.

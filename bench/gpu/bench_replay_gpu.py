@@ -1,6 +1,11 @@
-"""Routing-replay overhead on one GPU: one Qwen3-30B-A3B-shaped MoE layer, Transformer Engine spec.
+"""Routing-replay overhead on one GPU: one Qwen3-30B-A3B-shaped MoE layer.
 
-    torchrun --nproc-per-node 1 bench/gpu/bench_replay_gpu.py
+    torchrun --nproc-per-node 1 bench/gpu/bench_replay_gpu.py [--backend auto|te|local]
+
+``--backend te`` builds the Transformer Engine spec (grouped-GEMM experts); ``local`` builds
+megatron-core's local spec (``SequentialMLP`` experts: one GEMM pair per expert), for machines
+without Transformer Engine; ``auto`` (default) takes TE when it imports. The router, which is all
+that replay touches, is the same module in both.
 
 Compares, in one process and interleaved round-robin (medians after warm-up):
 
@@ -50,6 +55,7 @@ LABELS = {
 }
 TARGET_VS_NATIVE = 1.02
 TARGET_VS_NONE = 1.05
+EXPERTS = {"te": "TE grouped-GEMM experts", "local": "local SequentialMLP experts"}
 # Qwen3-30B-A3B MoE layer
 HIDDEN, NUM_EXPERTS, TOPK, MOE_FFN = 2048, 128, 8, 768
 
@@ -59,15 +65,25 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def check_environment() -> None:
+def te_available() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_environment(backend: str) -> str:
+    """The backend to build (``te`` or ``local``); exits on a missing GPU or TE asked for."""
     if not torch.cuda.is_available():
         fail("no CUDA GPU visible (torch.cuda.is_available() is False); this benchmark needs one")
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        fail("Transformer Engine is not installed (pip install 'transformer-engine[pytorch]')")
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
         fail("run with world size 1: torchrun --nproc-per-node 1 bench/gpu/bench_replay_gpu.py")
+    if backend == "auto":
+        return "te" if te_available() else "local"
+    if backend == "te" and not te_available():
+        fail("Transformer Engine is not installed (pip install 'transformer-engine[pytorch]')")
+    return backend
 
 
 def init_distributed() -> None:
@@ -88,7 +104,7 @@ def init_distributed() -> None:
 
 
 # ------------------------------------------------------------------------------------ model
-def layer_config(permute_fusion: bool, **overrides):
+def layer_config(backend: str, permute_fusion: bool, **overrides):
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
 
@@ -109,7 +125,7 @@ def layer_config(permute_fusion: bool, **overrides):
         bf16=True,
         params_dtype=torch.bfloat16,
         moe_router_dtype="fp32",
-        moe_grouped_gemm=True,
+        moe_grouped_gemm=backend == "te",  # local grouped GEMM needs the grouped_gemm package
         moe_token_dispatcher_type="alltoall",
         moe_router_load_balancing_type="none",
         moe_aux_loss_coeff=0.0,
@@ -124,10 +140,11 @@ def layer_config(permute_fusion: bool, **overrides):
     return TransformerConfig(**kwargs)
 
 
-def moe_spec():
+def moe_spec(backend: str):
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 
-    return get_moe_module_spec(use_te=True, num_experts=NUM_EXPERTS, moe_grouped_gemm=True)
+    te = backend == "te"
+    return get_moe_module_spec(use_te=te, num_experts=NUM_EXPERTS, moe_grouped_gemm=te)
 
 
 def build_layer(spec, config):
@@ -141,21 +158,24 @@ def build_layer(spec, config):
     return layer.cuda().train()
 
 
-def build_variants(permute_fusion: bool) -> tuple[dict[str, torch.nn.Module], bool]:
+def build_variants(backend: str, permute_fusion: bool) -> tuple[dict[str, torch.nn.Module], bool]:
     from megatron.core.transformer.moe.router_replay import RouterReplay
 
     from megatron_pr2.config import RouterReplayConfig
-    from megatron_pr2.patch import with_replay_router
+    from megatron_pr2.patch import apply_compat_fixes, with_replay_router
 
+    apply_compat_fixes()  # megatron-core 0.16 without TE: unbound te_general_gemm
+
+    permute_fusion = permute_fusion and backend == "te"  # fused permute is a TE kernel
     try:
-        plain = layer_config(permute_fusion)
+        plain = layer_config(backend, permute_fusion)
     except (ValueError, AssertionError) as exc:
         if not permute_fusion:
             raise
         print(f"moe_permute_fusion unavailable ({exc}); running without it")
         permute_fusion = False
-        plain = layer_config(permute_fusion)
-    spec = moe_spec()
+        plain = layer_config(backend, permute_fusion)
+    spec = moe_spec(backend)
 
     RouterReplay.clear_global_router_replay_instances()
     layers = {"none": build_layer(spec, plain)}
@@ -165,7 +185,7 @@ def build_variants(permute_fusion: bool) -> tuple[dict[str, torch.nn.Module], bo
         )
         layers[name] = build_layer(replay_spec, plain)
     RouterReplay.clear_global_router_replay_instances()
-    native_config = layer_config(permute_fusion, moe_enable_routing_replay=True)
+    native_config = layer_config(backend, permute_fusion, moe_enable_routing_replay=True)
     layers["native"] = build_layer(spec, native_config)
     native_count = len(RouterReplay.global_router_replay_instances)
     if native_count != 1:
@@ -378,12 +398,13 @@ def main() -> None:
         help="comma-separated seq x batch token shapes (default 4096x1,4096x4)",
     )
     parser.add_argument("--no-permute-fusion", action="store_true")
+    parser.add_argument("--backend", choices=("auto", "te", "local"), default="auto")
     args = parser.parse_args()
 
-    check_environment()
+    backend = check_environment(args.backend)
     started = time.perf_counter()
     init_distributed()
-    layers, permute_fusion = build_variants(not args.no_permute_fusion)
+    layers, permute_fusion = build_variants(backend, not args.no_permute_fusion)
     rows = []
     for shape in args.tokens.split(","):
         seq, batch = (int(x) for x in shape.lower().split("x"))
@@ -396,11 +417,12 @@ def main() -> None:
     print(f"* {versions()}")
     print(
         f"* layer: hidden {HIDDEN}, {NUM_EXPERTS} experts, top-{TOPK}, moe_ffn_hidden_size "
-        f"{MOE_FFN} (SwiGLU), bf16, fp32 router, TE grouped GEMM, alltoall, EP=TP=1, "
+        f"{MOE_FFN} (SwiGLU), bf16, fp32 router, {EXPERTS[backend]}, alltoall, EP=TP=1, "
         f"moe_permute_fusion={permute_fusion}"
     )
     print(f"* {args.warmup} warm-up + {args.reps} measured steps per variant, interleaved")
-    print("* command: `torchrun --nproc-per-node 1 bench/gpu/bench_replay_gpu.py`")
+    command = " ".join(["torchrun --nproc-per-node 1 bench/gpu/bench_replay_gpu.py", *sys.argv[1:]])
+    print(f"* command: `{command}`")
     print(f"* total run {time.perf_counter() - started:.0f} s")
     print()
     print(table(rows))

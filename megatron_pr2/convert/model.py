@@ -164,13 +164,14 @@ def build_model_chunks_from_description(
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
-    from megatron_pr2.patch import with_replay_router
+    from megatron_pr2.patch import apply_compat_fixes, with_replay_router
 
     if config is None:
         config = transformer_config_from_description(description, **config_overrides)
     installs = replay_config is not None and getattr(
         replay_config, "installs_router", replay_config.enabled
     )
+    apply_compat_fixes()
     vp_size = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     chunks = []
     for vp_stage in range(vp_size or 1):

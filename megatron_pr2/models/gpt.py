@@ -19,7 +19,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import TransformerConfig
 
 from megatron_pr2.config import RouterReplayConfig
-from megatron_pr2.patch import with_replay_router
+from megatron_pr2.patch import apply_compat_fixes, with_replay_router
 
 
 @dataclass
@@ -94,6 +94,7 @@ def build_model_chunks(
     With ``replay_config`` given and ``installs_router``, every MoE router is a
     ``ReplayTopKRouter``; otherwise the model is plain megatron-core.
     """
+    apply_compat_fixes()
     vp_size = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     chunks = []
     for vp_stage in range(vp_size or 1):

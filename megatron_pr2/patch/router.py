@@ -20,6 +20,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.router_replay import RouterReplay
 
 from megatron_pr2.config import RouterReplayConfig
+from megatron_pr2.patch.compat import apply_compat_fixes
 from megatron_pr2.patch.guards import check_replay_compatible
 from megatron_pr2.patch.version import check_megatron_core_version
 from megatron_pr2.predictor.module import EvolutionPredictor
@@ -50,6 +51,7 @@ class ReplayTopKRouter(TopKRouter):
         **kwargs: Any,
     ) -> None:
         check_megatron_core_version()
+        apply_compat_fixes()
         self.replay_config = replay_config or RouterReplayConfig()
         check_replay_compatible(config, self.replay_config)
         super().__init__(config=config, pg_collection=pg_collection, **kwargs)

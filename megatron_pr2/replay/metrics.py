@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import torch
 
-# Layout of one router's counter vector.
-TOKENS, OVERLAP, DEV0, DEV1, DEV2, DEV_GE3, FALLBACK_TOKENS = range(7)
-NUM_COUNTERS = 7
-
 METRIC_PREFIX = "router_replay"
 
 
-def new_counters(device: torch.device | str = "cpu") -> torch.Tensor:
-    return torch.zeros(NUM_COUNTERS, dtype=torch.int64, device=device)
+def num_counters(topk: int) -> int:
+    """Length of one router's counter vector: ``topk + 1`` overlap bins, then fallback tokens.
+
+    Slot ``j <= topk`` counts tokens whose replayed set shares ``j`` experts with the live top-k
+    (fallback and padding rows excluded); slot ``topk + 1`` counts fallback rows. Every metric
+    derives from this histogram, so a router call adds to it with one ``scatter_add_``.
+    """
+    return topk + 2
+
+
+def new_counters(topk: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.zeros(num_counters(topk), dtype=torch.int64, device=device)
 
 
 @torch.no_grad()
@@ -35,20 +41,35 @@ def accumulate(
         fallback_rows: ``[T]`` bool, rows that used the live router; excluded from agreement.
         padding_rows: ``[T]`` bool, padding tokens (negative token keys); excluded entirely.
     """
-    topk = replayed.shape[1]
-    # |replayed ∩ live| per token from the k x k id pairs (cheaper than a [T, E] map).
-    overlap = (replayed.unsqueeze(2) == live.unsqueeze(1)).any(dim=2).sum(dim=1)
-    deviation = (topk - overlap).clamp_(max=3)
+    # |replayed ∩ live| per token from the k x k id pairs (ids within a row are distinct: routes
+    # are validated, top-k picks distinct experts), cheaper than a [T, E] map.
+    overlap = (replayed.unsqueeze(2) == live.unsqueeze(1)).sum(dim=(1, 2))
+    if fallback_rows is None and padding_rows is None:  # the common path: 4 ops per call
+        counters.scatter_add_(0, overlap, torch.ones_like(overlap))
+        return
     real = None if padding_rows is None else ~padding_rows
     if fallback_rows is None:
-        weight = torch.ones_like(overlap) if real is None else real.to(overlap.dtype)
+        weight = real
     else:
         counted_fallback = fallback_rows if real is None else fallback_rows & real
-        weight = (~fallback_rows if real is None else ~fallback_rows & real).to(overlap.dtype)
-        counters[FALLBACK_TOKENS] += counted_fallback.sum()
-    counters[TOKENS] += weight.sum()
-    counters[OVERLAP] += (overlap * weight).sum()
-    counters[DEV0 : DEV_GE3 + 1].scatter_add_(0, deviation, weight)
+        weight = ~fallback_rows if real is None else ~fallback_rows & real
+        counters[-1] += counted_fallback.sum()
+    counters.scatter_add_(0, overlap, weight.to(overlap.dtype))
+
+
+def counts(c: torch.Tensor, topk: int) -> dict[str, float]:
+    """Token counts of one counter vector: tokens measured, overlap sum, deviation bins."""
+    hist = c[: topk + 1].double()
+    deviation = hist.flip(0)  # deviation d = topk - overlap
+    return {
+        "tokens": float(hist.sum()),
+        "overlap": float((hist * torch.arange(topk + 1, dtype=torch.float64)).sum()),
+        "dev0": float(deviation[0]),
+        "dev1": float(deviation[1]) if topk >= 1 else 0.0,
+        "dev2": float(deviation[2]) if topk >= 2 else 0.0,
+        "dev_ge3": float(deviation[3:].sum()),
+        "fallback": float(c[topk + 1]),
+    }
 
 
 def summarize(per_layer: dict[int, torch.Tensor], topk: int) -> dict[str, float]:
@@ -60,23 +81,23 @@ def summarize(per_layer: dict[int, torch.Tensor], topk: int) -> dict[str, float]
     out: dict[str, float] = {}
     if not per_layer:
         return out
-    totals = torch.stack([c.double().cpu() for c in per_layer.values()]).sum(dim=0)
+    totals = torch.stack([c.cpu() for c in per_layer.values()]).sum(dim=0)
 
     def named(c: torch.Tensor, suffix: str) -> dict[str, float]:
-        tokens = float(c[TOKENS])
-        denom = max(tokens, 1.0)
+        n = counts(c, topk)
+        denom = max(n["tokens"], 1.0)
         return {
-            f"{METRIC_PREFIX}/replay_agreement{suffix}": float(c[OVERLAP]) / (denom * topk),
-            f"{METRIC_PREFIX}/zero_deviation_ratio{suffix}": float(c[DEV0]) / denom,
-            f"{METRIC_PREFIX}/topk_deviation_0{suffix}": float(c[DEV0]) / denom,
-            f"{METRIC_PREFIX}/topk_deviation_1{suffix}": float(c[DEV1]) / denom,
-            f"{METRIC_PREFIX}/topk_deviation_2{suffix}": float(c[DEV2]) / denom,
-            f"{METRIC_PREFIX}/topk_deviation_ge3{suffix}": float(c[DEV_GE3]) / denom,
-            f"{METRIC_PREFIX}/fallback_tokens{suffix}": float(c[FALLBACK_TOKENS]),
-            f"{METRIC_PREFIX}/tokens{suffix}": tokens,
+            f"{METRIC_PREFIX}/replay_agreement{suffix}": n["overlap"] / (denom * topk),
+            f"{METRIC_PREFIX}/zero_deviation_ratio{suffix}": n["dev0"] / denom,
+            f"{METRIC_PREFIX}/topk_deviation_0{suffix}": n["dev0"] / denom,
+            f"{METRIC_PREFIX}/topk_deviation_1{suffix}": n["dev1"] / denom,
+            f"{METRIC_PREFIX}/topk_deviation_2{suffix}": n["dev2"] / denom,
+            f"{METRIC_PREFIX}/topk_deviation_ge3{suffix}": n["dev_ge3"] / denom,
+            f"{METRIC_PREFIX}/fallback_tokens{suffix}": n["fallback"],
+            f"{METRIC_PREFIX}/tokens{suffix}": n["tokens"],
         }
 
     out.update(named(totals, ""))
     for layer, c in sorted(per_layer.items()):
-        out.update(named(c.double().cpu(), f"/layer_{layer}"))
+        out.update(named(c.cpu(), f"/layer_{layer}"))
     return out

@@ -238,7 +238,9 @@ class ReplaySession:
         where every TP rank routes the same tokens.
         """
         num_layers = int(self._config.num_layers)
-        table = torch.zeros(num_layers + 1, replay_metrics.NUM_COUNTERS, dtype=torch.int64)
+        table = torch.zeros(
+            num_layers + 1, replay_metrics.num_counters(self.topk), dtype=torch.int64
+        )
         for layer in self.layers:
             counters = self.state(layer).take_counters()
             if counters is not None:
@@ -250,7 +252,7 @@ class ReplaySession:
             if tp_size > 1 and not self._config.sequence_parallel:
                 table //= tp_size
         per_layer = {
-            layer: table[layer] for layer in range(1, num_layers + 1) if table[layer, 0] > 0
+            layer: table[layer] for layer in range(1, num_layers + 1) if bool(table[layer].any())
         }
         out = replay_metrics.summarize(per_layer, self.topk)
         out.update(self._predictor_metrics(num_layers, group))

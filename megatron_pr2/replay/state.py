@@ -330,7 +330,7 @@ class RouterReplayState:
         padding_rows: torch.Tensor | None = None,
     ) -> None:
         if self.counters is None:
-            self.counters = replay_metrics.new_counters(used.device)
+            self.counters = replay_metrics.new_counters(self.topk, used.device)
         replay_metrics.accumulate(self.counters, used, live, fallback_rows, padding_rows)
 
     def prepare(

@@ -127,10 +127,10 @@ def _patch_megatron_rng() -> None:
 # megatron helpers (errors #4, #5, #6, #8)
 # --------------------------------------------------------------------------------------------
 def _patch_te_general_gemm() -> None:
-    from megatron.core.transformer.moe import moe_utils
+    # Not CPU-specific (0.16.x without TE on any device): the package's own fix, applied early.
+    from megatron_pr2.patch.compat import bind_missing_te_general_gemm
 
-    if not hasattr(moe_utils, "te_general_gemm"):  # 0.16.1 never binds it without TE
-        moe_utils.te_general_gemm = None
+    if bind_missing_te_general_gemm():
         APPLIED["te_general_gemm"] = True
 
 

@@ -5,6 +5,7 @@ import dataclasses
 import functools
 import inspect
 
+import pytest
 import torch
 
 from megatron_pr2.config import RouterReplayConfig
@@ -106,3 +107,43 @@ def test_dense_spec_is_refused(world1):
 
     with pytest.raises(ValueError, match="no MoE layer found"):
         with_replay_router(get_gpt_layer_local_spec())
+
+
+def test_compat_binds_te_general_gemm_only_where_megatron_left_it_unbound(monkeypatch):
+    """Patch point 4: 0.16.x never binds ``moe_utils.te_general_gemm`` without TE (0.19 binds
+    None). The fix must bind exactly that name, to None, and touch nothing already bound."""
+    from megatron.core.transformer.moe import moe_utils
+
+    from megatron_pr2.patch.compat import TE_GENERAL_GEMM_FIXED_IN, bind_missing_te_general_gemm
+
+    assert "te_general_gemm" in inspect.getsource(moe_utils.RouterGatingLinearFunction.forward)
+    sentinel = object()
+    monkeypatch.setattr(moe_utils, "te_general_gemm", sentinel, raising=False)
+    assert bind_missing_te_general_gemm() is False
+    assert moe_utils.te_general_gemm is sentinel
+    monkeypatch.delattr(moe_utils, "te_general_gemm")
+    if megatron_core_version() < TE_GENERAL_GEMM_FIXED_IN:
+        assert bind_missing_te_general_gemm() is True
+        assert moe_utils.te_general_gemm is None
+    else:  # a regression upstream is reported, not papered over
+        with pytest.raises(RuntimeError, match="te_general_gemm is unbound"):
+            bind_missing_te_general_gemm()
+
+
+def test_megatron_leaves_te_general_gemm_unbound_exactly_before_the_fixed_version():
+    """Pins the bug's version range in a fresh interpreter (no shim, no fix applied): if a
+    supported version stops leaving the name unbound, the fix's version guard is wrong."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from megatron_pr2.patch.compat import TE_GENERAL_GEMM_FIXED_IN
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        pytest.skip("with Transformer Engine installed the name is always bound")
+    probe = "import megatron.core.transformer.moe.moe_utils as m; "
+    probe += "print(hasattr(m, 'te_general_gemm'))"
+    out = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.split()[-1]
+    assert out == str(megatron_core_version() >= TE_GENERAL_GEMM_FIXED_IN)

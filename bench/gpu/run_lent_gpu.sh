@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Every GPU check of the project in one short command, for a lent single-GPU machine that has
+# PyTorch but neither megatron-core nor Transformer Engine (see bench/gpu/README.md):
+#   1. bench_replay_gpu.py: routing-replay overhead on a Qwen3-30B-A3B-shaped MoE layer
+#      (TE spec when Transformer Engine imports, megatron-core's local spec otherwise);
+#   2. bench_loop.py on CUDA: the GRPO loop in every replay mode (the CUDA smoke test of the
+#      trainer) with its step times side by side.
+# Wheels for missing packages (megatron-core for the machine's Python) go in .whl/ beforehand:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.16.1
+# Logs land in $OUT (the device tool's output folder) or bench/gpu/out.
+set -u
+OUT=${OUT:-bench/gpu/out}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 TORCHDYNAMO_DISABLE=1
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, megatron.core as m; print('torch', torch.__version__, 'mcore', m.__version__)"
+
+timeout "${REPLAY_TIMEOUT:-240}" torchrun --nproc-per-node 1 bench/gpu/bench_replay_gpu.py \
+    --reps "${REPS:-40}" 2>&1 | grep -v -i warn | tee "$OUT/bench_replay_gpu.log"
+echo "bench_replay_gpu exit ${PIPESTATUS[0]}"
+
+timeout "${LOOP_TIMEOUT:-200}" python3 bench/bench_loop.py --steps 4 --repeats 2 \
+    --sft-steps 100 2>&1 | grep -v -i warn | tee "$OUT/bench_loop.log"
+echo "bench_loop exit ${PIPESTATUS[0]}"
