@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +32,35 @@ from results import write_section  # noqa: E402  (bench/ is not a package)
 HEADING = "## GRPO loop throughput (issue 5)"
 MODES = ("none", "r2", "r3", "pr2", "pr2_r3")
 CONFIG = "examples/tiny/grpo_off4.yaml"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A model size for the loop: config overrides and how long to run it."""
+
+    description: str
+    overrides: tuple[str, ...]
+    steps: int
+    repeats: int
+    sft_steps: int
+
+
+SHAPES = {
+    "tiny": Shape("the evidence config: 2 layers, hidden 32, 8 experts, top-2", (), 10, 3, 300),
+    "wide": Shape(
+        "2 layers, hidden 256, ffn 512, 32 experts (hidden/experts = 8), top-4, 8 heads",
+        (
+            "policy.hidden_size=256",
+            "policy.ffn_hidden_size=512",
+            "policy.num_moe_experts=32",
+            "policy.moe_router_topk=4",
+            "policy.num_attention_heads=8",
+        ),
+        6,
+        2,
+        100,
+    ),
+}
 
 
 def _setup() -> None:
@@ -57,18 +87,19 @@ PHASES = {
 }
 
 
-def _run(mode: str, steps: int, sft_steps: int, log_dir: str) -> list[dict[str, float]]:
+def _run(mode: str, shape: Shape, log_dir: str) -> list[dict[str, float]]:
     """Tokens and phase seconds of each step after the first."""
     from megatron_pr2.rl.config import load_config
     from megatron_pr2.rl.trainer import train
 
     overrides = [
         f"policy.router_replay.mode={mode}",
-        f"grpo.max_num_steps={steps}",
-        f"grpo.sft_warmup_steps={sft_steps}",
+        f"grpo.max_num_steps={shape.steps}",
+        f"grpo.sft_warmup_steps={shape.sft_steps}",
         f"logger.log_dir={log_dir}",
         "logger.tensorboard_enabled=false",
         "logger.progress_bar=false",
+        *shape.overrides,
     ]
     history = train(load_config(str(ROOT / CONFIG), overrides))
     return [
@@ -77,12 +108,12 @@ def _run(mode: str, steps: int, sft_steps: int, log_dir: str) -> list[dict[str, 
     ]
 
 
-def measure(steps: int, repeats: int, sft_steps: int) -> dict[str, list[dict[str, float]]]:
+def measure(shape: Shape) -> dict[str, list[dict[str, float]]]:
     results: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory() as tmp:
-        for rep in range(repeats):
+        for rep in range(shape.repeats):
             for mode in MODES:
-                results[mode] += _run(mode, steps, sft_steps, f"{tmp}/{mode}-{rep}")
+                results[mode] += _run(mode, shape, f"{tmp}/{mode}-{rep}")
     return results
 
 
@@ -116,44 +147,68 @@ def write_results(text: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument(
-        "--sft-steps", type=int, default=300, help="supervised warm start (not timed)"
-    )
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shapes", default="tiny,wide", help=f"from {sorted(SHAPES)}")
+    parser.add_argument("--steps", type=int, help="GRPO steps per run (default: per shape)")
+    parser.add_argument("--sft-steps", type=int, help="warm-start steps, not timed (per shape)")
+    parser.add_argument("--repeats", type=int, help="rounds over the modes (per shape)")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     _setup()
-    load_before = os.getloadavg()[0]
-    start = time.perf_counter()
-    results = measure(args.steps, args.repeats, args.sft_steps)
-    total = time.perf_counter() - start
-    body = table(results)
-    print(body)
     import torch
 
-    if args.no_write or torch.cuda.is_available():
-        return
+    sections = []
+    for name in args.shapes.split(","):
+        shape = SHAPES[name]
+        shape = replace(
+            shape,
+            steps=args.steps or shape.steps,
+            sft_steps=args.sft_steps if args.sft_steps is not None else shape.sft_steps,
+            repeats=args.repeats or shape.repeats,
+        )
+        load_before = os.getloadavg()[0]
+        start = time.perf_counter()
+        body = table(measure(shape))
+        total = time.perf_counter() - start
+        print(f"### {name}\n{body}")
+        sections.append(
+            f"""### `{name}`: {shape.description}
 
-    text = f"""{HEADING}
-
-`{" ".join(["python bench/bench_loop.py", *sys.argv[1:]])}` on {platform.machine()}, {os.cpu_count()} CPU
-cores, torch {torch.__version__} (1 thread), world 1; config `{CONFIG}` (8 prompts x 8 samples,
-off-4, micro-batch 8) after {args.sft_steps} supervised warm-start steps (not timed), {args.steps}
-GRPO steps per run, modes interleaved over
-{args.repeats} rounds ({total:.0f} s in all; load average {load_before:.2f} before). Step time =
-refit + generation + rewards + old log-probs + 4 mini-steps; the first step of each run is
-dropped.
+{shape.sft_steps} supervised warm-start steps (not timed), {shape.steps} GRPO steps per run,
+modes interleaved over {shape.repeats} rounds ({total:.0f} s; load average {load_before:.2f}
+before).
 
 {body}
+"""
+        )
+    if args.no_write or torch.cuda.is_available():
+        return
+    command = " ".join(["python bench/bench_loop.py", *sys.argv[1:]])
+    text = f"""{HEADING}
 
+`{command}` on {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}
+(1 thread), world 1, megatron_pr2 at commit {_commit()}; config `{CONFIG}` (8 prompts x 8
+samples, off-4, micro-batch 8) with the shape overrides below. Step time = refit + generation +
+rewards + old log-probs + 4 mini-steps; the first step of each run is dropped. Phase columns are
+medians of `timing/train/*`; rollouts differ between modes after the first update, so the
+log-probs + training column (the passes that replay routes and train the predictor) isolates
+replay cost from generation length.
+
+{chr(10).join(sections)}
 Target: `pr2` <= 1.05x `r2` wall time. `r3`/`pr2_r3` add the engine's route recording forward;
-`pr2` adds the predictor forward on the recording pass and its loss on mini-steps 1-3. The
-rollout batches differ between modes after the first update, hence tokens/s as well as step time.
+`pr2` adds the predictor forward on the recording pass and its loss on mini-steps 1-3.
 """
     write_results(text)
     print(f"wrote {RESULTS_PATH.relative_to(ROOT)}")
+
+
+def _commit() -> str:
+    import subprocess
+
+    result = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    )
+    return result.stdout.strip() or "unknown"
 
 
 if __name__ == "__main__":

@@ -22,10 +22,10 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 TORCHDYNA
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, megatron.core as m; print('torch', torch.__version__, 'mcore', m.__version__)"
 
-timeout "${REPLAY_TIMEOUT:-240}" torchrun --nproc-per-node 1 bench/gpu/bench_replay_gpu.py \
+timeout "${REPLAY_TIMEOUT:-150}" torchrun --nproc-per-node 1 bench/gpu/bench_replay_gpu.py \
     --reps "${REPS:-40}" 2>&1 | grep -v -i warn | tee "$OUT/bench_replay_gpu.log"
 echo "bench_replay_gpu exit ${PIPESTATUS[0]}"
 
-timeout "${LOOP_TIMEOUT:-200}" python3 bench/bench_loop.py --steps 4 --repeats 2 \
-    --sft-steps 100 2>&1 | grep -v -i warn | tee "$OUT/bench_loop.log"
+timeout "${LOOP_TIMEOUT:-240}" python3 bench/bench_loop.py --shapes tiny,wide --steps 4 \
+    --repeats 2 --sft-steps 50 2>&1 | grep -v -i warn | tee "$OUT/bench_loop.log"
 echo "bench_loop exit ${PIPESTATUS[0]}"

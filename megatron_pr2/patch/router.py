@@ -28,16 +28,23 @@ from megatron_pr2.predictor.state import PredictorState
 from megatron_pr2.replay.state import RouteAction, RouterReplayState, in_backward_recompute
 
 
-class _TopkCapture:
-    """A replay hook that only captures the top-k megatron computes."""
+class _TopkChosen(Exception):
+    """Stops megatron's routing function once its top-k is chosen (the probabilities and the
+    routing map it would build next are not needed for a predicted route)."""
 
-    indices: torch.Tensor | None = None
+    def __init__(self, indices: torch.Tensor) -> None:
+        super().__init__("top-k chosen")
+        self.indices = indices
+
+
+class _TopkCapture:
+    """A replay hook that hands back the top-k megatron computes and ends the routing call."""
 
     def get_replay_topk(self, scores, topk, num_groups, group_topk, default_compute_topk):
-        values, self.indices = default_compute_topk(
+        _, indices = default_compute_topk(
             scores, topk, num_groups=num_groups, group_topk=group_topk
         )
-        return values, self.indices
+        raise _TopkChosen(indices)
 
 
 class ReplayTopKRouter(TopKRouter):
@@ -126,20 +133,25 @@ class ReplayTopKRouter(TopKRouter):
     @torch.no_grad()
     def predicted_topk(self, biased_logits: torch.Tensor) -> torch.Tensor:
         """megatron's own selection (score function, expert bias, groups) on biased logits."""
-        capture = _TopkCapture()
         config = self.config
-        topk_routing_with_score_function(
-            biased_logits,
-            self.topk,
-            use_pre_softmax=config.moe_router_pre_softmax,
-            num_groups=config.moe_router_num_groups,
-            group_topk=config.moe_router_group_topk,
-            scaling_factor=config.moe_router_topk_scaling_factor,
-            score_function=self.score_function,
-            expert_bias=self.expert_bias,
-            router_replay=capture,
+        try:
+            topk_routing_with_score_function(
+                biased_logits,
+                self.topk,
+                use_pre_softmax=config.moe_router_pre_softmax,
+                num_groups=config.moe_router_num_groups,
+                group_topk=config.moe_router_group_topk,
+                scaling_factor=config.moe_router_topk_scaling_factor,
+                score_function=self.score_function,
+                expert_bias=self.expert_bias,
+                router_replay=_TopkCapture(),
+            )
+        except _TopkChosen as chosen:
+            return chosen.indices
+        raise RuntimeError(
+            f"layer {self.layer_number}: megatron's routing never called the replay hook; "
+            "run tests/unit/test_patch_points.py"
         )
-        return capture.indices
 
     def routing(self, logits: torch.Tensor, *args: Any, **kwargs: Any):
         probs, routing_map = super().routing(logits, *args, **kwargs)

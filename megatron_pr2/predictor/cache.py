@@ -34,17 +34,20 @@ class FeatureCache:
         self._keys: torch.Tensor | None = None
         self._inputs: torch.Tensor | None = None
         self._logits: torch.Tensor | None = None
+        self._num_tokens = 0  # kept as ints: summing tensor sizes per call costs torch ops
+        self._nbytes = 0
 
     def add(self, keys: torch.Tensor, inputs: torch.Tensor, logits: torch.Tensor) -> None:
         if keys.numel() == 0:
             return
-        self._parts.append(
-            (
-                keys.detach().cpu(),
-                inputs.detach().to("cpu", self.dtype),
-                logits.detach().to("cpu", self.dtype),
-            )
+        part = (
+            keys.detach().cpu(),
+            inputs.detach().to("cpu", self.dtype),
+            logits.detach().to("cpu", self.dtype),
         )
+        self._parts.append(part)
+        self._num_tokens += part[0].shape[0]
+        self._nbytes += sum(t.nelement() * t.element_size() for t in part)
         self._keys = None  # re-sort lazily
 
     def _finalize(self) -> None:
@@ -78,16 +81,11 @@ class FeatureCache:
 
     @property
     def num_tokens(self) -> int:
-        return sum(k.numel() for k, _, _ in self._parts)
+        return self._num_tokens
 
     @property
     def nbytes(self) -> int:
-        return sum(
-            k.numel() * k.element_size()
-            + i.numel() * i.element_size()
-            + g.numel() * g.element_size()
-            for k, i, g in self._parts
-        )
+        return self._nbytes
 
     def clear(self) -> None:
         self.__init__({v: k for k, v in _DTYPES.items()}[self.dtype])

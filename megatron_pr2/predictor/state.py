@@ -24,11 +24,20 @@ class PredictorState:
         self.cache = FeatureCache(config.cache_dtype)
         self.compute_loss = False
         self.cache_features = False  # a REPLAY pass that caches features (pr2_r3)
-        self.counters = torch.zeros(NUM_COUNTERS, dtype=torch.float64)
+        self.counters = torch.zeros(NUM_COUNTERS, dtype=torch.float64)  # host-side counts
+        # Sums kept on the router's device, read once per metrics() call: no host sync per call.
+        self._device_sums: dict[int, torch.Tensor] = {}
 
     def start_recording(self) -> None:
         """New rollout batch: drop the previous batch's cache."""
         self.cache.clear()
+
+    def _add_on_device(self, index: int, value: torch.Tensor) -> None:
+        total = self._device_sums.get(index)
+        if total is None:
+            self._device_sums[index] = value.detach().to(torch.float64, copy=True)
+        else:
+            total.add_(value)
 
     @torch.no_grad()
     def record(
@@ -46,8 +55,8 @@ class PredictorState:
         if room > 0:
             rows = keep.nonzero().flatten()[:room]
             self.cache.add(keys[rows], hidden[rows], logits[rows])
-        self.counters[BIAS_ABS] += offset.abs().sum().double().cpu()
-        self.counters[LOGIT_ABS] += logits.abs().sum().double().cpu()
+        self._add_on_device(BIAS_ABS, offset.norm(p=1))
+        self._add_on_device(LOGIT_ABS, logits.norm(p=1))
         return offset
 
     def loss(
@@ -65,28 +74,36 @@ class PredictorState:
         params) equals the single-rank gradient.
         """
         rows, old_hidden, old_logits = self.cache.lookup(keys)
-        count = torch.tensor([float(rows.numel())], device=current_logits.device)
-        if token_group is not None and token_group.size() > 1:
-            torch.distributed.all_reduce(count, group=token_group)
-        if rows.numel() == 0:  # still join the backward so every rank's predictor gets a grad
+        num_rows = rows.numel()
+        denominator: float | torch.Tensor = max(float(num_rows), 1.0)
+        if token_group is not None and token_group.size() > 1:  # stays on device: no host sync
+            total = torch.tensor([float(num_rows)], device=current_logits.device)
+            torch.distributed.all_reduce(total, group=token_group)
+            denominator = total.clamp(min=1.0).squeeze(0)
+        if num_rows == 0:  # still join the backward so every rank's predictor gets a grad
             return predictor.weight.sum() * 0.0
         offset = predictor(old_hidden)
         current = current_logits.detach()[rows].float()
         per_token = per_token_predictor_loss(self.config.loss_type, offset, old_logits, current)
-        loss = per_token.sum() / count.clamp(min=1.0).squeeze(0)
+        loss = per_token.sum() / denominator
         with torch.no_grad():
             k = self.topk
             predicted = (old_logits + offset).topk(k, dim=1).indices
             target = current.topk(k, dim=1).indices
-            overlap = (predicted.unsqueeze(2) == target.unsqueeze(1)).any(dim=2).sum()
-            self.counters[LOSS_SUM] += loss.detach().double().cpu()
+            # top-k ids within a row are distinct: the pair matches count the shared experts
+            overlap = (predicted.unsqueeze(2) == target.unsqueeze(1)).sum()
+            self._add_on_device(LOSS_SUM, loss.detach())
+            self._add_on_device(ACC_OVERLAP, overlap)
             self.counters[LOSS_CALLS] += 1
-            self.counters[ACC_OVERLAP] += overlap.double().cpu()
-            self.counters[ACC_TOKENS] += rows.numel()
+            self.counters[ACC_TOKENS] += num_rows
         return loss
 
     def take_counters(self) -> torch.Tensor:
         counters = self.counters.clone()
+        if self._device_sums:
+            indices = list(self._device_sums)
+            counters[indices] += torch.stack([self._device_sums[i] for i in indices]).cpu()
+            self._device_sums = {}
         counters[CACHE_TOKENS] = self.cache.num_tokens
         counters[CACHE_BYTES] = self.cache.nbytes
         self.counters.zero_()
@@ -98,18 +115,19 @@ def summarize(per_layer: dict[int, torch.Tensor], topk: int) -> dict[str, float]
     cache_bytes}``, layer-averaged and per layer (``/layer_{n}``)."""
     out: dict[str, float] = {}
 
-    def named(c: torch.Tensor, suffix: str) -> dict[str, float]:
+    def named(counters: torch.Tensor, suffix: str) -> dict[str, float]:
+        c = counters.tolist()
         metrics = {
-            f"pr2/cache_tokens{suffix}": float(c[CACHE_TOKENS]),
-            f"pr2/cache_bytes{suffix}": float(c[CACHE_BYTES]),
+            f"pr2/cache_tokens{suffix}": c[CACHE_TOKENS],
+            f"pr2/cache_bytes{suffix}": c[CACHE_BYTES],
         }
         if c[LOGIT_ABS] > 0:
-            metrics[f"pr2/bias_to_logits_ratio{suffix}"] = float(c[BIAS_ABS] / c[LOGIT_ABS])
+            metrics[f"pr2/bias_to_logits_ratio{suffix}"] = c[BIAS_ABS] / c[LOGIT_ABS]
         if c[LOSS_CALLS] > 0:
-            metrics[f"pr2/predictive_loss{suffix}"] = float(c[LOSS_SUM] / c[LOSS_CALLS])
+            metrics[f"pr2/predictive_loss{suffix}"] = c[LOSS_SUM] / c[LOSS_CALLS]
         if c[ACC_TOKENS] > 0:
-            metrics[f"pr2/predictive_topk_accuracy{suffix}"] = float(
-                c[ACC_OVERLAP] / (c[ACC_TOKENS] * topk)
+            metrics[f"pr2/predictive_topk_accuracy{suffix}"] = c[ACC_OVERLAP] / (
+                c[ACC_TOKENS] * topk
             )
         return metrics
 
