@@ -73,10 +73,12 @@ def _setup() -> None:
 
         init_distributed_cuda()
         return
-    torch.set_num_threads(1)
     from tests.support.dist import init_single_process
 
     init_single_process()
+    # after init_single_process, which sizes the pool for tests: one thread leaves the second
+    # core to the OS, so other processes do not stall a 2-thread parallel region
+    torch.set_num_threads(1)
 
 
 PHASES = {
