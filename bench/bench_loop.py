@@ -1,10 +1,12 @@
 """Throughput of the whole GRPO loop per replay mode, measured side by side in one run.
 
 Each mode runs the same config (the tiny task, off-4, the evidence run's supervised warm start,
-so rewards, advantages and router drift are those of a real run) for ``--steps`` GRPO steps; modes are interleaved round robin over ``--repeats`` rounds so that machine load drifts
-hit every mode alike. Reported: trained tokens per second (prompt + response tokens of the
-rollout batch / step wall time, step 1 of each run dropped as warm-up) and the step time ratio
-to ``r2``. Target: ``pr2`` <= 1.05x ``r2`` wall time.
+so rewards, advantages and router drift are those of a real run; ``wide`` scales the model up)
+for ``--steps`` GRPO steps. Every run is its own process; ``--repeats`` rounds go over the
+modes, the order rotated each round, so machine load drifts hit every mode alike. Reported:
+trained tokens per second (prompt + response tokens of the rollout batch / step wall time, step
+1 of each run dropped as warm-up), the step time ratio to ``r2`` and the phase times. Target:
+``pr2`` <= 1.05x ``r2`` wall time.
 
 Run from the repo root on a quiet machine: ``.venv/bin/python bench/bench_loop.py``. Writes its
 section of ``bench/RESULTS.md``. On a CUDA machine (``python bench/bench_loop.py``, world 1) it
@@ -14,14 +16,16 @@ prints the table only: paste it with the card's name.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,12 +115,30 @@ def _run(mode: str, shape: Shape, log_dir: str) -> list[dict[str, float]]:
 
 
 def measure(shape: Shape) -> dict[str, list[dict[str, float]]]:
+    """Every run in a fresh process (a trainer leaves state behind that slows the next one in
+    the same process), mode order rotated each round so no mode always runs first or last."""
     results: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(shape.repeats):
-            for mode in MODES:
-                results[mode] += _run(mode, shape, f"{tmp}/{mode}-{rep}")
+            shift = rep % len(MODES)
+            for mode in MODES[shift:] + MODES[:shift]:
+                results[mode] += _run_in_subprocess(mode, shape, f"{tmp}/{mode}-{rep}")
     return results
+
+
+def _run_in_subprocess(mode: str, shape: Shape, log_dir: str) -> list[dict[str, float]]:
+    command = [sys.executable, __file__, "--one-run", mode, json.dumps(asdict(shape)), log_dir]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{mode} run failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _one_run(mode: str, shape_json: str, log_dir: str) -> None:
+    """Child process: one run, its per-step samples as JSON on the last stdout line."""
+    _setup()
+    samples = _run(mode, Shape(**json.loads(shape_json)), log_dir)
+    print(json.dumps(samples))
 
 
 def _median(samples: list[dict[str, float]], phase: str) -> float:
@@ -154,9 +176,14 @@ def main() -> None:
     parser.add_argument("--sft-steps", type=int, help="warm-start steps, not timed (per shape)")
     parser.add_argument("--repeats", type=int, help="rounds over the modes (per shape)")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument(
+        "--one-run", nargs=3, metavar=("MODE", "SHAPE_JSON", "LOG_DIR"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    _setup()
+    if args.one_run:
+        _one_run(*args.one_run)
+        return
     import torch
 
     sections = []
@@ -177,8 +204,8 @@ def main() -> None:
             f"""### `{name}`: {shape.description}
 
 {shape.sft_steps} supervised warm-start steps (not timed), {shape.steps} GRPO steps per run,
-modes interleaved over {shape.repeats} rounds ({total:.0f} s; load average {load_before:.2f}
-before).
+{shape.repeats} rounds over the modes, each run in a fresh process, the mode order rotated every
+round ({total:.0f} s; load average {load_before:.2f} before).
 
 {body}
 """
