@@ -115,8 +115,9 @@ def _run(mode: str, shape: Shape, log_dir: str) -> list[dict[str, float]]:
 
 
 def measure(shape: Shape) -> dict[str, list[dict[str, float]]]:
-    """Every run in a fresh process (a trainer leaves state behind that slows the next one in
-    the same process), mode order rotated each round so no mode always runs first or last."""
+    """Every run in a fresh process (a finished trainer's model stays alive, so runs sharing a
+    process are not independent), mode order rotated each round so no mode always runs first
+    or last."""
     results: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(shape.repeats):
