@@ -65,7 +65,7 @@ def counts(c: torch.Tensor, topk: int) -> dict[str, float]:
         "tokens": float(hist.sum()),
         "overlap": float((hist * torch.arange(topk + 1, dtype=torch.float64)).sum()),
         "dev0": float(deviation[0]),
-        "dev1": float(deviation[1]) if topk >= 1 else 0.0,
+        "dev1": float(deviation[1]),
         "dev2": float(deviation[2]) if topk >= 2 else 0.0,
         "dev_ge3": float(deviation[3:].sum()),
         "fallback": float(c[topk + 1]),
@@ -85,16 +85,21 @@ def summarize(per_layer: dict[int, torch.Tensor], topk: int) -> dict[str, float]
 
     def named(c: torch.Tensor, suffix: str) -> dict[str, float]:
         n = counts(c, topk)
-        denom = max(n["tokens"], 1.0)
-        return {
-            f"{METRIC_PREFIX}/replay_agreement{suffix}": n["overlap"] / (denom * topk),
-            f"{METRIC_PREFIX}/zero_deviation_ratio{suffix}": n["dev0"] / denom,
-            f"{METRIC_PREFIX}/topk_deviation_0{suffix}": n["dev0"] / denom,
-            f"{METRIC_PREFIX}/topk_deviation_1{suffix}": n["dev1"] / denom,
-            f"{METRIC_PREFIX}/topk_deviation_2{suffix}": n["dev2"] / denom,
-            f"{METRIC_PREFIX}/topk_deviation_ge3{suffix}": n["dev_ge3"] / denom,
+        out = {
             f"{METRIC_PREFIX}/fallback_tokens{suffix}": n["fallback"],
             f"{METRIC_PREFIX}/tokens{suffix}": n["tokens"],
+        }
+        if n["tokens"] == 0:  # only fallback rows: no agreement was measured, report none
+            return out
+        tokens = n["tokens"]
+        return {
+            f"{METRIC_PREFIX}/replay_agreement{suffix}": n["overlap"] / (tokens * topk),
+            f"{METRIC_PREFIX}/zero_deviation_ratio{suffix}": n["dev0"] / tokens,
+            f"{METRIC_PREFIX}/topk_deviation_0{suffix}": n["dev0"] / tokens,
+            f"{METRIC_PREFIX}/topk_deviation_1{suffix}": n["dev1"] / tokens,
+            f"{METRIC_PREFIX}/topk_deviation_2{suffix}": n["dev2"] / tokens,
+            f"{METRIC_PREFIX}/topk_deviation_ge3{suffix}": n["dev_ge3"] / tokens,
+            **out,
         }
 
     out.update(named(totals, ""))

@@ -65,3 +65,18 @@ def test_summarize_sums_layers_before_ratios():
     assert summary["router_replay/zero_deviation_ratio"] == pytest.approx(3 / 4)
     assert summary["router_replay/topk_deviation_2/layer_2"] == 1.0
     assert summary["router_replay/tokens"] == 4
+
+
+def test_a_layer_with_only_fallback_rows_reports_its_count_but_no_agreement():
+    """All-fallback layers still count their fallback tokens, and report no ratio (there is no
+    replayed row to compare), instead of an agreement of 0."""
+    only_fallback, measured = metrics.new_counters(2), metrics.new_counters(2)
+    only_fallback[-1] = 5
+    measured[2] = 4  # 4 tokens, full overlap
+    summary = metrics.summarize({1: only_fallback, 2: measured}, topk=2)
+    assert summary["router_replay/fallback_tokens/layer_1"] == 5
+    assert summary["router_replay/tokens/layer_1"] == 0
+    assert "router_replay/replay_agreement/layer_1" not in summary
+    assert summary["router_replay/replay_agreement/layer_2"] == 1.0
+    assert summary["router_replay/replay_agreement"] == 1.0  # totals: 4 measured tokens
+    assert summary["router_replay/fallback_tokens"] == 5
