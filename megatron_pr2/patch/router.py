@@ -115,7 +115,7 @@ class ReplayTopKRouter(TopKRouter):
         flat_input = input.reshape(-1, input.shape[-1])
         flat_logits = logits.reshape(-1, logits.shape[-1])
         microbatch = state.microbatch_of_current_call()
-        keys = state.keys_for(microbatch, flat_logits.shape[0], flat_logits.device)
+        keys = state.microbatch_keys(microbatch, flat_logits.shape[0], flat_logits.device)
         if recording:
             offset = state.predictor.record(self.evolution_predictor, flat_input, flat_logits, keys)
             if state.action is RouteAction.REPLAY:

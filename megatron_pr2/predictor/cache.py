@@ -60,24 +60,47 @@ class FeatureCache:
         self._logits = torch.cat([g for _, _, g in self._parts])[order]
         self._parts = [(self._keys, self._inputs, self._logits)]
 
+    @property
+    def sorted_keys(self) -> torch.Tensor | None:
+        """The cached keys, ascending (host); None while the cache is empty."""
+        self._finalize()
+        return self._keys
+
+    def share_keys_with(self, other: FeatureCache) -> None:
+        """Adopt ``other``'s sorted-key tensor when both caches hold the same keys (every layer
+        of a rank caches the same tokens), so a lookup computed for one serves both."""
+        mine, theirs = self.sorted_keys, other.sorted_keys
+        if mine is not None and theirs is not None and torch.equal(mine, theirs):
+            self._keys = theirs
+            self._parts = [(theirs, self._inputs, self._logits)]
+
+    def locate(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows of the host ``keys`` that are cached, their positions in this cache)."""
+        cached = self.sorted_keys
+        if cached is None:
+            empty = torch.empty(0, dtype=torch.int64)
+            return empty, empty
+        position = torch.searchsorted(cached, keys).clamp_(max=cached.numel() - 1)
+        rows = (cached[position] == keys).nonzero().flatten()
+        return rows, position[rows]
+
+    def features(
+        self, positions: torch.Tensor, device: torch.device | str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached (inputs, old logits) at ``positions`` (from :meth:`locate`), fp32 on device."""
+        if self._inputs is None:
+            return torch.empty(0, device=device), torch.empty(0, device=device)
+        return (
+            self._inputs[positions].to(device, torch.float32),
+            self._logits[positions].to(device, torch.float32),
+        )
+
     def lookup(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows of ``keys`` that are cached, their inputs, their old logits) — fp32, on
         ``keys.device``."""
-        self._finalize()
         device = keys.device
-        if self._keys is None:
-            empty = torch.empty(0, dtype=torch.int64, device=device)
-            return empty, torch.empty(0, device=device), torch.empty(0, device=device)
-        query = keys.detach().cpu()
-        position = torch.searchsorted(self._keys, query).clamp_(max=self._keys.numel() - 1)
-        hit = self._keys[position] == query
-        rows = hit.nonzero().flatten()
-        found = position[rows]
-        return (
-            rows.to(device),
-            self._inputs[found].to(device, torch.float32),
-            self._logits[found].to(device, torch.float32),
-        )
+        rows, positions = self.locate(keys.detach().cpu())
+        return (rows.to(device), *self.features(positions, device))
 
     @property
     def num_tokens(self) -> int:

@@ -9,6 +9,7 @@ from megatron_pr2.config import PredictorConfig
 from megatron_pr2.predictor.cache import FeatureCache, sampled
 from megatron_pr2.predictor.loss import per_token_predictor_loss
 from megatron_pr2.predictor.module import EvolutionPredictor
+from megatron_pr2.replay.keys import MicrobatchKeys
 
 # Layout of the predictive counter vector (float64).
 LOSS_SUM, LOSS_CALLS, ACC_OVERLAP, ACC_TOKENS, BIAS_ABS, LOGIT_ABS, CACHE_TOKENS, CACHE_BYTES = (
@@ -45,25 +46,56 @@ class PredictorState:
         predictor: EvolutionPredictor,
         hidden: torch.Tensor,
         logits: torch.Tensor,
-        keys: torch.Tensor,
+        keys: MicrobatchKeys,
     ) -> torch.Tensor:
         """Cache the sampled tokens' features; return the predicted offset for all tokens."""
         offset = predictor(hidden)
-        # Negative keys mark padding (routes.layout): never a training target.
-        keep = sampled(keys, self.config.cache_keep_fraction) & (keys >= 0)
         room = self.config.cache_tokens_per_step - self.cache.num_tokens
         if room > 0:
-            rows = keep.nonzero().flatten()[:room]
-            self.cache.add(keys[rows], hidden[rows], logits[rows])
+            host_rows, device_rows, row_keys = self._sampled_rows(keys)
+            if room < row_keys.numel():
+                host_rows, device_rows, row_keys = (
+                    host_rows[:room],
+                    device_rows[:room],
+                    row_keys[:room],
+                )
+            self.cache.add(row_keys, hidden[device_rows], logits[device_rows])
         self._add_on_device(BIAS_ABS, offset.norm(p=1))
         self._add_on_device(LOGIT_ABS, logits.norm(p=1))
         return offset
+
+    def _sampled_rows(
+        self, keys: MicrobatchKeys
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(host rows, device rows, keys) of the tokens the cache samples: the same for every
+        layer, so derived once per microbatch, on the host."""
+        fraction = self.config.cache_keep_fraction
+
+        def compute() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            # Negative keys mark padding (routes.layout): never a training target.
+            host = (sampled(keys.host, fraction) & (keys.host >= 0)).nonzero().flatten()
+            return host, host.to(keys.device.device, non_blocking=True), keys.host[host]
+
+        return keys.derived(("cache_rows", fraction), compute)
+
+    def _cached_rows(self, keys: MicrobatchKeys) -> tuple[torch.Tensor, torch.Tensor]:
+        """(device rows of ``keys`` found in the cache, their cache positions); shared by the
+        layers whose caches share a key tensor (see ``FeatureCache.share_keys_with``)."""
+        cached = self.cache.sorted_keys
+
+        def compute() -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+            rows, positions = self.cache.locate(keys.host)
+            return cached, rows.to(keys.device.device, non_blocking=True), positions
+
+        # The memo holds ``cached`` itself, so its id cannot be reused while the memo lives.
+        found = keys.derived(("cache_rows_of", id(cached)), compute)
+        return found[1], found[2]
 
     def loss(
         self,
         predictor: EvolutionPredictor,
         current_logits: torch.Tensor,
-        keys: torch.Tensor,
+        keys: MicrobatchKeys,
         token_group: torch.distributed.ProcessGroup | None = None,
     ) -> torch.Tensor:
         """Mean loss over this microbatch's cached tokens (gradient to the predictor only).
@@ -73,7 +105,7 @@ class PredictorState:
         gradient summed over that group (megatron's all-reduce of ``sequence_parallel``
         params) equals the single-rank gradient.
         """
-        rows, old_hidden, old_logits = self.cache.lookup(keys)
+        rows, positions = self._cached_rows(keys)
         num_rows = rows.numel()
         denominator: float | torch.Tensor = max(float(num_rows), 1.0)
         if token_group is not None and token_group.size() > 1:  # stays on device: no host sync
@@ -82,6 +114,7 @@ class PredictorState:
             denominator = total.clamp(min=1.0).squeeze(0)
         if num_rows == 0:  # still join the backward so every rank's predictor gets a grad
             return predictor.weight.sum() * 0.0
+        old_hidden, old_logits = self.cache.features(positions, current_logits.device)
         offset = predictor(old_hidden)
         current = current_logits.detach()[rows].float()
         per_token = per_token_predictor_loss(self.config.loss_type, offset, old_logits, current)

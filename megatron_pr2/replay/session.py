@@ -25,6 +25,7 @@ import torch
 
 from megatron_pr2.predictor import state as predictor_state
 from megatron_pr2.replay import metrics as replay_metrics
+from megatron_pr2.replay.keys import MicrobatchKeys
 from megatron_pr2.replay.state import PlannedRoute, RouteAction, RouterReplayState
 
 Routes = Mapping[int, Sequence["torch.Tensor | None"]]
@@ -91,6 +92,7 @@ class ReplaySession:
                 "no replay router in the model; build it from a spec passed through "
                 "megatron_pr2.patch.with_replay_router"
             )
+        self._layers = sorted(self._routers)
         first = next(iter(self._routers.values()))
         self.topk: int = first.router_replay.topk
         self._config = first.config
@@ -98,7 +100,7 @@ class ReplaySession:
     @property
     def layers(self) -> list[int]:
         """Global layer numbers (1-based) of this rank's replay routers, ascending."""
-        return sorted(self._routers)
+        return list(self._layers)
 
     def state(self, layer: int) -> RouterReplayState:
         return self._routers[layer].router_replay
@@ -126,10 +128,11 @@ class ReplaySession:
             state.set_action(RouteAction.RECORD, token_keys=token_keys)
         try:
             yield record
+            self._share_predictor_cache_keys()
             record.routes = PreparedRoutes(  # our own top-k output: valid by construction
                 {
                     layer: [PlannedRoute(idx, None) for idx in self.state(layer).recorded]
-                    for layer in self.layers
+                    for layer in self._layers
                 }
             )
         finally:
@@ -149,10 +152,16 @@ class ReplaySession:
         tokens of the batch, through megatron's aux-loss plumbing. ``cache_features`` (pr2_r3's
         old-log-prob pass): start a new feature cache and fill it, as a pr2 recording pass does.
         """
-        with self._planned_pass(
+        self._start_planned_pass(
             RouteAction.REPLAY, routes, token_keys, predictor_loss, cache_features
-        ):
+        )
+        try:
             yield
+            self._check_plans_used()
+            if cache_features:
+                self._share_predictor_cache_keys()
+        finally:
+            self.reset()
 
     @contextlib.contextmanager
     def observing(
@@ -160,51 +169,67 @@ class ReplaySession:
     ) -> Iterator[None]:
         """Route live, and measure each router's live top-k against ``routes`` (the drift that
         mode ``none`` lets through; metrics as for replay, with ``routes`` as the replayed set)."""
-        with self._planned_pass(RouteAction.OBSERVE, routes, token_keys):
+        self._start_planned_pass(RouteAction.OBSERVE, routes, token_keys)
+        try:
             yield
+            self._check_plans_used()
+        finally:
+            self.reset()
 
-    @contextlib.contextmanager
-    def _planned_pass(
+    def _start_planned_pass(
         self,
         action: RouteAction,
         routes: Routes,
         token_keys: Sequence[torch.Tensor | None] | None,
         predictor_loss: bool = False,
         cache_features: bool = False,
-    ) -> Iterator[None]:
+    ) -> None:
+        """Give every local router its plan for one pass (a plain call, not a nested context
+        manager: replay runs once per pass and its Python cost is part of the step)."""
         plans = self.prepare(routes).plans
         token_keys = self._on_device(token_keys)
-        missing = [layer for layer in self.layers if layer not in plans]
+        missing = [layer for layer in self._layers if layer not in plans]
         if missing:
             raise ValueError(f"routes missing for local MoE layer(s) {missing}")
-        counts = {layer: len(plans[layer]) for layer in self.layers}
-        if len(set(counts.values())) != 1:
-            raise ValueError(f"routes give different microbatch counts per layer: {counts}")
+        counts = {len(plans[layer]) for layer in self._layers}
+        if len(counts) != 1:
+            per_layer = {layer: len(plans[layer]) for layer in self._layers}
+            raise ValueError(f"routes give different microbatch counts per layer: {per_layer}")
         try:
-            for layer in self.layers:
-                state = self.state(layer)
+            for layer in self._layers:
+                state = self._routers[layer].router_replay
                 if cache_features and state.predictor is not None:
                     state.predictor.start_recording()
                 state.set_action(action, plans[layer], token_keys, predictor_loss, cache_features)
-            yield
-            unused = {
-                layer: self.state(layer).planned_microbatches_left
-                for layer in self.layers
-                if self.state(layer).planned_microbatches_left
-            }
-            if unused:
-                raise RuntimeError(f"routes of some microbatches were never used: {unused}")
-        finally:
+        except BaseException:
             self.reset()
+            raise
+
+    def _check_plans_used(self) -> None:
+        unused = {
+            layer: left
+            for layer in self._layers
+            if (left := self._routers[layer].router_replay.planned_microbatches_left)
+        }
+        if unused:
+            raise RuntimeError(f"routes of some microbatches were never used: {unused}")
 
     def _on_device(
         self, token_keys: Sequence[torch.Tensor | None] | None
-    ) -> list[torch.Tensor | None] | None:
-        """Token keys moved to the routers' device once per pass, not once per router call."""
+    ) -> list[MicrobatchKeys | None] | None:
+        """Token keys moved to the routers' device once per pass, not once per router call, and
+        shared by every router (what derives from them is computed once per microbatch)."""
         if token_keys is None:
             return None
-        device = self._routers[self.layers[0]].weight.device
-        return [None if k is None else k.to(device, non_blocking=True) for k in token_keys]
+        device = self._routers[self._layers[0]].weight.device
+        return [None if k is None else MicrobatchKeys(k, device) for k in token_keys]
+
+    def _share_predictor_cache_keys(self) -> None:
+        """After a pass that filled the feature caches: every layer cached the same tokens, so
+        the caches share one sorted-key tensor and a lookup serves all layers."""
+        caches = [s.predictor.cache for s in self._states() if s.predictor is not None]
+        for cache in caches[1:]:
+            cache.share_keys_with(caches[0])
 
     def prepare(self, routes: Routes) -> PreparedRoutes:
         """Validate external (e.g. rollout-engine) routes once per rollout batch.
@@ -215,7 +240,7 @@ class ReplaySession:
         if isinstance(routes, PreparedRoutes):
             return routes
         plans = {}
-        for layer in self.layers:
+        for layer in self._layers:
             if layer in routes:
                 state, device = self.state(layer), self._routers[layer].weight.device
                 plans[layer] = [state.prepare(r, mb, device) for mb, r in enumerate(routes[layer])]
@@ -241,14 +266,14 @@ class ReplaySession:
         table = torch.zeros(
             num_layers + 1, replay_metrics.num_counters(self.topk), dtype=torch.int64
         )
-        for layer in self.layers:
+        for layer in self._layers:
             counters = self.state(layer).take_counters()
             if counters is not None:
                 table[layer] += counters.cpu()
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
             table = self._all_reduce_on_router_device(table, group)
-            tp_size = self._routers[self.layers[0]].tp_group.size()
+            tp_size = self._routers[self._layers[0]].tp_group.size()
             if tp_size > 1 and not self._config.sequence_parallel:
                 table //= tp_size
         per_layer = {
@@ -260,7 +285,7 @@ class ReplaySession:
 
     def _all_reduce_on_router_device(self, table: torch.Tensor, group) -> torch.Tensor:
         """All-reduce on the routers' device (NCCL needs GPU tensors), result on the host."""
-        device = self._routers[self.layers[0]].weight.device
+        device = self._routers[self._layers[0]].weight.device
         on_device = table.to(device)
         torch.distributed.all_reduce(on_device, group=group)
         return on_device.cpu()
@@ -269,7 +294,7 @@ class ReplaySession:
         """PR2 metrics (same collective pattern; a no-op table when no router has a predictor)."""
         table = torch.zeros(num_layers + 1, predictor_state.NUM_COUNTERS, dtype=torch.float64)
         has_predictor = False
-        for layer in self.layers:
+        for layer in self._layers:
             if self.state(layer).predictor is not None:
                 table[layer] = self.state(layer).predictor.take_counters()
                 has_predictor = True
@@ -294,7 +319,7 @@ class ReplaySession:
             state.trace = []
         try:
             yield out
-            for layer in self.layers:
+            for layer in self._layers:
                 calls = self.state(layer).trace or []
                 if calls:
                     keys, used, live = (torch.cat(parts) for parts in zip(*calls))

@@ -31,6 +31,7 @@ import torch
 
 from megatron_pr2.predictor.state import PredictorState
 from megatron_pr2.replay import metrics as replay_metrics
+from megatron_pr2.replay.keys import MicrobatchKeys
 from megatron_pr2.replay.routes import FALLBACK, validate_routes
 
 TopkFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -70,7 +71,7 @@ class RouterReplayState:
         self._recompute_queue: deque[tuple[torch.Tensor, int]] = deque()  # (route, microbatch)
         self.counters: torch.Tensor | None = None
         self.predictor: PredictorState | None = None  # set by the router in pr2 mode
-        self._token_keys: list[torch.Tensor | None] = []
+        self._token_keys: list[MicrobatchKeys | None] = []
         self._staged_indices: torch.Tensor | None = None
         self._pending_loss: torch.Tensor | None = None
         # Route tracing (diagnostics, see replay.session.RouteTrace): (keys, used, live) of every
@@ -82,7 +83,7 @@ class RouterReplayState:
         self,
         action: RouteAction,
         plan: list[torch.Tensor | PlannedRoute | None] | None = None,
-        token_keys: list[torch.Tensor | None] | None = None,
+        token_keys: list[MicrobatchKeys | torch.Tensor | None] | None = None,
         predictor_loss: bool = False,
         cache_features: bool = False,
     ) -> None:
@@ -97,7 +98,10 @@ class RouterReplayState:
                     f"layer {self.layer_number}: {action.name} needs one route per microbatch"
                 )
             self._plan = [self.prepare(routes, mb) for mb, routes in enumerate(plan)]
-        self._token_keys = list(token_keys or [])
+        self._token_keys = [
+            k if k is None or isinstance(k, MicrobatchKeys) else MicrobatchKeys(k)
+            for k in token_keys or []
+        ]
         if self.predictor is not None:
             self.predictor.compute_loss = predictor_loss and action is RouteAction.REPLAY
             self.predictor.cache_features = cache_features and action is RouteAction.REPLAY
@@ -156,7 +160,7 @@ class RouterReplayState:
             else:
                 values, indices = live_topk(scores)
                 live = indices
-            self.recorded.append(indices.detach())
+            self.recorded.append(indices)
             self._remember_for_recompute(indices, microbatch)
             self._trace(microbatch, indices, scores, live_topk, live)
             return values, indices
@@ -164,7 +168,7 @@ class RouterReplayState:
         microbatch = self._cursor
         if self.action is RouteAction.OBSERVE:
             values, indices = live_topk(scores)
-            self._observe(indices.detach(), microbatch)
+            self._observe(indices, microbatch)
             self._remember_for_recompute(indices, microbatch)
             self._trace(microbatch, indices, scores, live_topk, indices)
             return values, indices
@@ -187,11 +191,11 @@ class RouterReplayState:
             return
         rows = slice(None, None, self.metrics_token_stride)
         with torch.no_grad():
-            keys = self.keys_for(microbatch, scores.shape[0], scores.device)[rows]
+            keys = self.microbatch_keys(microbatch, scores.shape[0], scores.device).host[rows]
             live_rows = live[rows] if live is not None else live_topk(scores.detach()[rows])[1]
             self.trace.append(
                 (
-                    keys.cpu(),
+                    keys,
                     used.detach()[rows].to(torch.int16).cpu(),
                     live_rows.to(torch.int16).cpu(),
                 )
@@ -204,19 +208,19 @@ class RouterReplayState:
             return self._recompute_queue[0][1]
         return len(self.recorded) if self.action is RouteAction.RECORD else self._cursor
 
-    def keys_for(self, microbatch: int, num_tokens: int, device: torch.device) -> torch.Tensor:
+    def microbatch_keys(
+        self, microbatch: int, num_tokens: int, device: torch.device
+    ) -> MicrobatchKeys:
         """Token keys of a microbatch: given (sample, position) keys, else (microbatch, row)."""
         if microbatch < len(self._token_keys) and self._token_keys[microbatch] is not None:
             keys = self._token_keys[microbatch]
-            if keys.numel() != num_tokens:
+            if len(keys) != num_tokens:
                 raise ValueError(
                     f"token keys for layer {self.layer_number}, microbatch {microbatch}: expected "
-                    f"{num_tokens}, got {keys.numel()}"
+                    f"{num_tokens}, got {len(keys)}"
                 )
-            return keys.to(device)
-        return (torch.tensor(microbatch, dtype=torch.int64) << 32) + torch.arange(
-            num_tokens, device=device
-        )
+            return keys
+        return MicrobatchKeys.positional(microbatch, num_tokens, device)
 
     def stage_indices(self, indices: torch.Tensor) -> None:
         """The next RECORD top-k uses these (predicted) indices instead of the live ones."""
@@ -233,8 +237,9 @@ class RouterReplayState:
     def _remember_for_recompute(self, indices: torch.Tensor, microbatch: int) -> None:
         # Always queued: megatron runs a checkpointed region's first forward under no_grad, so
         # grad mode cannot tell it from a forward-only pass. The queue holds references to routes
-        # of the current pass only and is dropped by ``reset`` at the end of the pass.
-        self._recompute_queue.append((indices.detach(), microbatch))
+        # of the current pass only and is dropped by ``reset`` at the end of the pass. (Integer
+        # index tensors never carry autograd history, so no ``detach`` is needed here or above.)
+        self._recompute_queue.append((indices, microbatch))
 
     def _recompute(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._recompute_queue:
@@ -268,7 +273,7 @@ class RouterReplayState:
             )
         indices = planned.indices  # on the router's device since prepare()
         fallback_rows = planned.fallback_rows
-        padding_rows = self._padding_rows(microbatch, indices.device)
+        padding_rows = self._padding_rows(microbatch)
         if fallback_rows is not None:  # the live top-k fills the fallback rows
             live = live_topk(scores.detach())[1]
             indices = torch.where(fallback_rows[:, None], live, indices)
@@ -307,7 +312,7 @@ class RouterReplayState:
             )
         stride = self.metrics_token_stride
         sample = slice(None, None, stride) if stride > 1 else slice(None)
-        padding_rows = self._padding_rows(microbatch, live.device)
+        padding_rows = self._padding_rows(microbatch)
         fallback = planned.fallback_rows
         self._count(
             planned.indices[sample],
@@ -316,10 +321,11 @@ class RouterReplayState:
             None if padding_rows is None else padding_rows[sample],
         )
 
-    def _padding_rows(self, microbatch: int, device: torch.device) -> torch.Tensor | None:
-        """Rows with negative token keys (padding, see ``routes.layout``), when keys are given."""
+    def _padding_rows(self, microbatch: int) -> torch.Tensor | None:
+        """Rows with negative token keys (padding, see ``routes.layout``), when keys are given
+        and the microbatch has padding (computed once per microbatch for all routers)."""
         if microbatch < len(self._token_keys) and self._token_keys[microbatch] is not None:
-            return self._token_keys[microbatch].to(device, non_blocking=True) < 0
+            return self._token_keys[microbatch].padding_rows()
         return None
 
     def _count(

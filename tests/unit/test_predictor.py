@@ -12,6 +12,7 @@ from megatron_pr2.config import PredictorConfig, RouterReplayConfig
 from megatron_pr2.models.gpt import build_model_chunks, lm_forward_backward, moe_transformer_config
 from megatron_pr2.predictor.cache import FeatureCache, sampled, token_keys
 from megatron_pr2.predictor.module import predictor_parameters
+from megatron_pr2.replay.keys import MicrobatchKeys
 from megatron_pr2.replay.session import ReplaySession
 from tests.support import replay_harness as h
 
@@ -147,6 +148,55 @@ def test_cache_sampling_is_a_pure_function_of_the_key_and_respects_the_budget():
     assert inputs.dtype == torch.float32 and inputs.shape == (rows.numel(), 8)
     assert logits.shape == (rows.numel(), 4)
     assert cache.nbytes == int(mask.sum()) * (8 + 2 * 8 + 2 * 4)
+
+
+def test_caches_with_equal_keys_share_one_sorted_key_tensor_and_one_lookup():
+    """Every layer caches the same tokens: after sharing, a lookup computed for one layer's
+    cache is reused (not recomputed) for the next, and equals a lookup of its own."""
+    from megatron_pr2.predictor.state import PredictorState
+
+    keys = token_keys(torch.arange(16).repeat_interleave(8), torch.arange(8).repeat(16))
+    states = [PredictorState(PredictorConfig(cache_keep_fraction=0.5), topk=2) for _ in range(2)]
+    for state in states:
+        state.cache.add(keys[::3], torch.randn(keys[::3].numel(), 4), torch.randn(43, 6))
+    other = FeatureCache("bf16")
+    other.add(keys[1::3], torch.randn(keys[1::3].numel(), 4), torch.randn(43, 6))
+    states[1].cache.share_keys_with(states[0].cache)
+    other.share_keys_with(states[0].cache)  # different keys: keeps its own
+    assert states[1].cache.sorted_keys is states[0].cache.sorted_keys
+    assert other.sorted_keys is not states[0].cache.sorted_keys
+
+    query = MicrobatchKeys(keys[:40])
+    calls = []
+    original = FeatureCache.locate
+
+    def counting_locate(cache, host_keys):
+        calls.append(cache)
+        return original(cache, host_keys)
+
+    FeatureCache.locate = counting_locate
+    try:
+        found = [state._cached_rows(query) for state in states]
+    finally:
+        FeatureCache.locate = original
+    assert calls == [states[0].cache]  # the second layer reused the first's lookup
+    rows, positions = original(states[1].cache, keys[:40])
+    for got_rows, got_positions in found:
+        assert torch.equal(got_rows, rows) and torch.equal(got_positions, positions)
+    assert torch.equal(rows, torch.arange(0, 40, 3))
+
+
+def test_microbatch_keys_derive_once_and_report_padding_only_when_present():
+    keys = MicrobatchKeys(torch.tensor([5, 6, -1, 7], dtype=torch.int64))
+    assert torch.equal(keys.padding_rows(), torch.tensor([False, False, True, False]))
+    assert keys.padding_rows() is keys.padding_rows()
+    assert MicrobatchKeys(torch.arange(4)).padding_rows() is None
+    computed = []
+    assert keys.derived("x", lambda: computed.append(1) or 3) == 3
+    assert keys.derived("x", lambda: computed.append(1) or 4) == 3
+    assert computed == [1]
+    with pytest.raises(ValueError, match="1-D int64"):
+        MicrobatchKeys(torch.arange(4, dtype=torch.int32))
 
 
 def test_cache_bounded_by_token_budget(world1):
