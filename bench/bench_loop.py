@@ -114,16 +114,19 @@ def _run(mode: str, shape: Shape, log_dir: str) -> list[dict[str, float]]:
     ]
 
 
-def measure(shape: Shape) -> dict[str, list[dict[str, float]]]:
+Runs = dict[str, list[list[dict[str, float]]]]  # mode -> one list of step samples per round
+
+
+def measure(shape: Shape, modes: tuple[str, ...] = MODES) -> Runs:
     """Every run in a fresh process (a finished trainer's model stays alive, so runs sharing a
     process are not independent), mode order rotated each round so no mode always runs first
     or last."""
-    results: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
+    results: Runs = {mode: [] for mode in modes}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(shape.repeats):
-            shift = rep % len(MODES)
-            for mode in MODES[shift:] + MODES[:shift]:
-                results[mode] += _run_in_subprocess(mode, shape, f"{tmp}/{mode}-{rep}")
+            shift = rep % len(modes)
+            for mode in modes[shift:] + modes[:shift]:
+                results[mode].append(_run_in_subprocess(mode, shape, f"{tmp}/{mode}-{rep}"))
     return results
 
 
@@ -146,7 +149,8 @@ def _median(samples: list[dict[str, float]], phase: str) -> float:
     return statistics.median(sample[phase] for sample in samples)
 
 
-def table(results: dict[str, list[dict[str, float]]]) -> str:
+def table(runs: Runs) -> str:
+    results = {mode: [s for run in per_round for s in run] for mode, per_round in runs.items()}
     r2 = {phase: _median(results["r2"], phase) for phase in PHASES}
     lines = [
         "| mode | steps timed | median step (s) | tokens/s | step vs r2 | generation (s) "
@@ -166,6 +170,31 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def paired_table(runs: Runs) -> str:
+    """Each run against the ``r2`` run of the same round (adjacent in time, so slow drifts of
+    the machine cancel): median step time and seconds per trained token, as ratios."""
+
+    def per_token(samples: list[dict[str, float]]) -> float:
+        return sum(s["total"] for s in samples) / sum(s["tokens"] for s in samples)
+
+    lines = [
+        "| mode | rounds | step vs r2, per round | median | s/token vs r2, per round | median |",
+        "|---|---:|---|---:|---|---:|",
+    ]
+    for mode, per_round in runs.items():
+        if mode == "r2":
+            continue
+        pairs = list(zip(per_round, runs["r2"], strict=True))
+        step = [_median(run, "total") / _median(ref, "total") for run, ref in pairs]
+        token = [per_token(run) / per_token(ref) for run, ref in pairs]
+        lines.append(
+            f"| {mode} | {len(pairs)} | {', '.join(f'{r:.2f}' for r in step)} "
+            f"| {statistics.median(step):.3f}x | {', '.join(f'{r:.2f}' for r in token)} "
+            f"| {statistics.median(token):.3f}x |"
+        )
+    return "\n".join(lines)
+
+
 def write_results(text: str) -> None:
     write_section(HEADING, text, RESULTS_PATH)
 
@@ -176,6 +205,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="GRPO steps per run (default: per shape)")
     parser.add_argument("--sft-steps", type=int, help="warm-start steps, not timed (per shape)")
     parser.add_argument("--repeats", type=int, help="rounds over the modes (per shape)")
+    parser.add_argument("--modes", default=",".join(MODES), help="subset of the modes; r2 is kept")
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument(
         "--one-run", nargs=3, metavar=("MODE", "SHAPE_JSON", "LOG_DIR"), help=argparse.SUPPRESS
@@ -187,6 +217,7 @@ def main() -> None:
         return
     import torch
 
+    modes = tuple(m for m in MODES if m in args.modes.split(",") or m == "r2")
     sections = []
     for name in args.shapes.split(","):
         shape = SHAPES[name]
@@ -198,7 +229,8 @@ def main() -> None:
         )
         load_before = os.getloadavg()[0]
         start = time.perf_counter()
-        body = table(measure(shape))
+        runs = measure(shape, modes)
+        body = table(runs) + "\n\nPaired by round:\n\n" + paired_table(runs)
         total = time.perf_counter() - start
         print(f"### {name}\n{body}")
         sections.append(

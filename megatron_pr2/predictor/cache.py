@@ -46,8 +46,10 @@ class FeatureCache:
             logits.detach().to("cpu", self.dtype),
         )
         self._parts.append(part)
-        self._num_tokens += part[0].shape[0]
-        self._nbytes += sum(t.nelement() * t.element_size() for t in part)
+        rows = part[0].shape[0]
+        row_bytes = 8 + (inputs.shape[-1] + logits.shape[-1]) * self.dtype.itemsize  # int64 key
+        self._num_tokens += rows
+        self._nbytes += rows * row_bytes
         self._keys = None  # re-sort lazily
 
     def _finalize(self) -> None:

@@ -25,7 +25,7 @@ class PredictorState:
         self.cache = FeatureCache(config.cache_dtype)
         self.compute_loss = False
         self.cache_features = False  # a REPLAY pass that caches features (pr2_r3)
-        self.counters = torch.zeros(NUM_COUNTERS, dtype=torch.float64)  # host-side counts
+        self._host_counts = [0.0] * NUM_COUNTERS  # plain floats: no torch op per call
         # Sums kept on the router's device, read once per metrics() call: no host sync per call.
         self._device_sums: dict[int, torch.Tensor] = {}
 
@@ -116,7 +116,7 @@ class PredictorState:
             return predictor.weight.sum() * 0.0
         old_hidden, old_logits = self.cache.features(positions, current_logits.device)
         offset = predictor(old_hidden)
-        current = current_logits.detach()[rows].float()
+        current = current_logits.detach()[rows]  # the loss takes it in fp32
         per_token = per_token_predictor_loss(self.config.loss_type, offset, old_logits, current)
         loss = per_token.sum() / denominator
         with torch.no_grad():
@@ -127,19 +127,19 @@ class PredictorState:
             overlap = (predicted.unsqueeze(2) == target.unsqueeze(1)).sum()
             self._add_on_device(LOSS_SUM, loss.detach())
             self._add_on_device(ACC_OVERLAP, overlap)
-            self.counters[LOSS_CALLS] += 1
-            self.counters[ACC_TOKENS] += num_rows
+            self._host_counts[LOSS_CALLS] += 1
+            self._host_counts[ACC_TOKENS] += num_rows
         return loss
 
     def take_counters(self) -> torch.Tensor:
-        counters = self.counters.clone()
+        counters = torch.tensor(self._host_counts, dtype=torch.float64)
         if self._device_sums:
             indices = list(self._device_sums)
             counters[indices] += torch.stack([self._device_sums[i] for i in indices]).cpu()
             self._device_sums = {}
         counters[CACHE_TOKENS] = self.cache.num_tokens
         counters[CACHE_BYTES] = self.cache.nbytes
-        self.counters.zero_()
+        self._host_counts = [0.0] * NUM_COUNTERS
         return counters
 
 

@@ -28,6 +28,7 @@ class MicrobatchKeys:
         target = keys.device if device is None else torch.device(device)
         self.device = self.host if target.type == "cpu" else keys.to(target, non_blocking=True)
         self._derived: dict[Hashable, Any] = {}
+        self._len = self.host.shape[0]
         self._has_padding = bool((self.host < 0).any())  # host op: no device sync
 
     @classmethod
@@ -36,7 +37,7 @@ class MicrobatchKeys:
         return cls((microbatch << 32) + torch.arange(num_tokens, dtype=torch.int64), device)
 
     def __len__(self) -> int:
-        return self.host.numel()
+        return self._len
 
     def padding_rows(self) -> torch.Tensor | None:
         """``[tokens]`` bool on the device, True for padding; None when there is none."""
