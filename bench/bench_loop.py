@@ -27,6 +27,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_PATH = ROOT / "bench" / "RESULTS.md"
@@ -93,10 +94,8 @@ PHASES = {
 }
 
 
-def _run(mode: str, shape: Shape, log_dir: str) -> list[dict[str, float]]:
-    """Tokens and phase seconds of each step after the first."""
+def _config(mode: str, shape: Shape, log_dir: str):
     from megatron_pr2.rl.config import load_config
-    from megatron_pr2.rl.trainer import train
 
     overrides = [
         f"policy.router_replay.mode={mode}",
@@ -107,11 +106,34 @@ def _run(mode: str, shape: Shape, log_dir: str) -> list[dict[str, float]]:
         "logger.progress_bar=false",
         *shape.overrides,
     ]
-    history = train(load_config(str(ROOT / CONFIG), overrides))
-    return [
-        {"tokens": m["train/num_tokens"], **{k: m[key] for k, key in PHASES.items()}}
-        for m in history[1:]
-    ]
+    return load_config(str(ROOT / CONFIG), overrides)
+
+
+def _sample(metrics: dict[str, float]) -> dict[str, float]:
+    return {"tokens": metrics["train/num_tokens"], **{k: metrics[v] for k, v in PHASES.items()}}
+
+
+def _run(mode: str, shape: Shape, log_dir: str) -> list[dict[str, float]]:
+    """Tokens and phase seconds of each step after the first."""
+    from megatron_pr2.rl.trainer import train
+
+    return [_sample(m) for m in train(_config(mode, shape, log_dir))[1:]]
+
+
+def _run_pair(modes: list[str], shape: Shape, log_dir: str) -> dict[str, list[dict[str, float]]]:
+    """Two runs in one process, stepped alternately (the mode that goes first alternates), so
+    each step of one mode has a step of the other next to it in time: the machine's slow phases
+    (tens of seconds on a shared VM) hit both sides of a pair."""
+    from megatron_pr2.rl.trainer import training_steps
+
+    runs = {mode: training_steps(_config(mode, shape, f"{log_dir}/{mode}")) for mode in modes}
+    samples: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
+    for step in range(shape.steps):
+        for mode in modes if step % 2 == 0 else modes[::-1]:
+            metrics = next(runs[mode])
+            if step > 0:  # the first step of each run is warm-up
+                samples[mode].append(_sample(metrics))
+    return samples
 
 
 Runs = dict[str, list[list[dict[str, float]]]]  # mode -> one list of step samples per round
@@ -130,7 +152,7 @@ def measure(shape: Shape, modes: tuple[str, ...] = MODES) -> Runs:
     return results
 
 
-def _run_in_subprocess(mode: str, shape: Shape, log_dir: str) -> list[dict[str, float]]:
+def _run_in_subprocess(mode: str, shape: Shape, log_dir: str) -> Any:
     command = [sys.executable, __file__, "--one-run", mode, json.dumps(asdict(shape)), log_dir]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
@@ -139,10 +161,50 @@ def _run_in_subprocess(mode: str, shape: Shape, log_dir: str) -> list[dict[str, 
 
 
 def _one_run(mode: str, shape_json: str, log_dir: str) -> None:
-    """Child process: one run, its per-step samples as JSON on the last stdout line."""
+    """Child process: one run (or ``a,b``: a stepped pair), its samples as JSON on the last
+    stdout line."""
     _setup()
-    samples = _run(mode, Shape(**json.loads(shape_json)), log_dir)
-    print(json.dumps(samples))
+    shape = Shape(**json.loads(shape_json))
+    if "," in mode:
+        print(json.dumps(_run_pair(mode.split(","), shape, log_dir)))
+    else:
+        print(json.dumps(_run(mode, shape, log_dir)))
+
+
+def measure_pairs(shape: Shape, mode: str, rounds: int) -> list[dict[str, list[dict]]]:
+    """``rounds`` fresh processes, each stepping ``mode`` and ``r2`` alternately."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return [_run_in_subprocess(f"{mode},r2", shape, f"{tmp}/pair-{i}") for i in range(rounds)]
+
+
+def pairs_table(mode: str, rounds: list[dict[str, list[dict]]]) -> str:
+    """Per pair of adjacent steps: ``mode`` / ``r2`` for the step time, the seconds per trained
+    token, and each replay-touched phase; medians and IQR over all pairs."""
+
+    def ratios(key: str) -> list[float]:
+        out = []
+        for run in rounds:
+            for a, b in zip(run[mode], run["r2"], strict=True):
+                if key == "s/token":
+                    out.append((a["total"] / a["tokens"]) / (b["total"] / b["tokens"]))
+                else:
+                    out.append(a[key] / b[key])
+        return out
+
+    lines = ["| ratio pr2 / r2 over adjacent steps | pairs | median | IQR |", "|---|---:|---:|---|"]
+    for label, key in (
+        ("step time", "total"),
+        ("seconds per trained token", "s/token"),
+        ("old log-probs pass", "logprobs"),
+        ("training (4 mini-steps)", "training"),
+    ):
+        values = ratios(key)
+        q = statistics.quantiles(values, n=4)
+        lines.append(
+            f"| {label} | {len(values)} | {statistics.median(values):.3f}x "
+            f"| {q[0]:.3f}–{q[2]:.3f} |"
+        )
+    return "\n".join(lines)
 
 
 def _median(samples: list[dict[str, float]], phase: str) -> float:
@@ -206,6 +268,9 @@ def main() -> None:
     parser.add_argument("--sft-steps", type=int, help="warm-start steps, not timed (per shape)")
     parser.add_argument("--repeats", type=int, help="rounds over the modes (per shape)")
     parser.add_argument("--modes", default=",".join(MODES), help="subset of the modes; r2 is kept")
+    parser.add_argument(
+        "--pair-rounds", type=int, default=3, help="processes stepping pr2 and r2 alternately"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument(
         "--one-run", nargs=3, metavar=("MODE", "SHAPE_JSON", "LOG_DIR"), help=argparse.SUPPRESS
@@ -230,7 +295,13 @@ def main() -> None:
         load_before = os.getloadavg()[0]
         start = time.perf_counter()
         runs = measure(shape, modes)
-        body = table(runs) + "\n\nPaired by round:\n\n" + paired_table(runs)
+        body = table(runs) + "\n\nPaired by round (separate processes):\n\n" + paired_table(runs)
+        if args.pair_rounds and "pr2" in modes:
+            pairs = measure_pairs(shape, "pr2", args.pair_rounds)
+            body += (
+                f"\n\nStepped pairs (pr2 and r2 in one process, alternating steps, "
+                f"{args.pair_rounds} processes):\n\n" + pairs_table("pr2", pairs)
+            )
         total = time.perf_counter() - start
         print(f"### {name}\n{body}")
         sections.append(

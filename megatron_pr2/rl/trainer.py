@@ -22,7 +22,7 @@ import json
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,7 +63,7 @@ from megatron_pr2.rl.task import SyntheticTask
 from megatron_pr2.rl.traces import StepTrace, trace_path, write_step_trace
 from megatron_pr2.rl.worker import PolicyWorker, RLBatch
 
-__all__ = ["ZERO_DEVIATION", "supervised_warm_start", "train"]
+__all__ = ["ZERO_DEVIATION", "supervised_warm_start", "train", "training_steps"]
 
 ZERO_DEVIATION = "train/router_replay/zero_deviation_ratio"
 
@@ -216,6 +216,13 @@ def _step_metrics(steps: list[dict[str, float]]) -> dict[str, float]:
 def train(config: MasterConfig) -> list[dict[str, Any]]:
     """Run ``grpo.max_num_steps`` GRPO steps; returns the metrics of each step (also written to
     ``{logger.log_dir}/metrics.jsonl``, one JSON object per line)."""
+    return list(training_steps(config))
+
+
+def training_steps(config: MasterConfig) -> Iterator[dict[str, Any]]:
+    """:func:`train` one step at a time: set up on the first ``next()``, then yield each step's
+    metrics after it is logged (and checkpointed). Lets a caller interleave the steps of two
+    runs in one process, e.g. a benchmark pairing modes step by step."""
     if not torch.distributed.is_initialized():
         raise RuntimeError(
             "torch.distributed is not initialised: use examples/train.py or `pr2 train`"
@@ -291,7 +298,6 @@ def train(config: MasterConfig) -> list[dict[str, Any]]:
                 flush=True,
             )
 
-    history: list[dict[str, Any]] = []
     headline = {
         "reward": "train/reward",
         f"zero_dev[{g.off_policy_steps - 1}]": f"{ZERO_DEVIATION}/mini_step_{g.off_policy_steps - 1}",
@@ -323,7 +329,6 @@ def train(config: MasterConfig) -> list[dict[str, Any]]:
                 metrics["timing/sft"] = sft_time
             if logger is not None:
                 logger.log(metrics)
-            history.append(metrics)
             done = step + 1
             if ckpt.enabled and (done % ckpt.save_period == 0 or done == g.max_num_steps):
                 path = save_trainer_checkpoint(
@@ -338,7 +343,7 @@ def train(config: MasterConfig) -> list[dict[str, Any]]:
                     shutil.copy(model.description_file, path / "model")
                 if logger is not None:
                     logger.write(f"saved {path}")
-    return history
+            yield metrics
 
 
 def _router_weights(worker: PolicyWorker) -> dict[int, torch.Tensor]:
