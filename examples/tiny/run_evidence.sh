@@ -3,6 +3,7 @@
 # `pr2 compare` writes the table and figure to docs/results/. Run from the repository root:
 #   bash examples/tiny/run_evidence.sh            # JOBS=2 runs at a time by default
 # Extra arguments are passed to every run as overrides (e.g. grpo.max_num_steps=10).
+# MODES / SEEDS pick a subset (e.g. MODES="pr2 pr2_r3" to rerun only the predictor modes).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -10,11 +11,13 @@ PR2=${PR2:-.venv/bin/pr2}
 RUNS=${RUNS:-logs/evidence_off4}
 OUT=${OUT:-docs/results}
 JOBS=${JOBS:-2}
+MODES=${MODES:-none r2 r3 pr2 pr2_r3}
+SEEDS=${SEEDS:-1 2 3}
 export OMP_NUM_THREADS=1 TORCHDYNAMO_DISABLE=1
 mkdir -p "$RUNS"
 jobs_file=$(mktemp)
-for seed in 1 2 3; do
-  for mode in none r2 r3 pr2 pr2_r3; do
+for seed in $SEEDS; do
+  for mode in $MODES; do
     echo "$mode $seed${*:+ $*}" >> "$jobs_file"  # no trailing blank: xargs -L joins such lines
   done
 done
