@@ -73,6 +73,14 @@ class ReplayTopKRouter(TopKRouter):
             collect_metrics=self.replay_config.collect_metrics,
             metrics_token_stride=self.replay_config.metrics_token_stride,
         )
+        # Softmax after top-k, no expert groups: megatron's routing takes ``torch.topk`` of the
+        # raw logits (moe_utils.topk_routing_with_score_function), so the predicted route can
+        # too, without entering the routing function (canary: tests/unit/test_patch_points.py).
+        self._selects_on_raw_logits = (
+            self.score_function == "softmax"
+            and not config.moe_router_pre_softmax
+            and not config.moe_router_group_topk
+        )
         self.evolution_predictor: EvolutionPredictor | None = None
         if self.replay_config.uses_predictor:
             self.evolution_predictor = EvolutionPredictor(
@@ -133,6 +141,13 @@ class ReplayTopKRouter(TopKRouter):
     @torch.no_grad()
     def predicted_topk(self, biased_logits: torch.Tensor) -> torch.Tensor:
         """megatron's own selection (score function, expert bias, groups) on biased logits."""
+        if self._selects_on_raw_logits:
+            return torch.topk(biased_logits, self.topk, dim=1).indices
+        return self._megatron_topk(biased_logits)
+
+    @torch.no_grad()
+    def _megatron_topk(self, biased_logits: torch.Tensor) -> torch.Tensor:
+        """The top-k megatron's routing function takes on these logits, whatever its config."""
         config = self.config
         try:
             topk_routing_with_score_function(

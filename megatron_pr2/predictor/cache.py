@@ -37,14 +37,12 @@ class FeatureCache:
         self._num_tokens = 0  # kept as ints: summing tensor sizes per call costs torch ops
         self._nbytes = 0
 
+    @torch.no_grad()
     def add(self, keys: torch.Tensor, inputs: torch.Tensor, logits: torch.Tensor) -> None:
-        if keys.numel() == 0:
+        """Append rows (copied to host memory in the cache dtype; no autograd history kept)."""
+        if keys.shape[0] == 0:
             return
-        part = (
-            keys.detach().cpu(),
-            inputs.detach().to("cpu", self.dtype),
-            logits.detach().to("cpu", self.dtype),
-        )
+        part = (keys.cpu(), inputs.to("cpu", self.dtype), logits.to("cpu", self.dtype))
         self._parts.append(part)
         rows = part[0].shape[0]
         row_bytes = 8 + (inputs.shape[-1] + logits.shape[-1]) * self.dtype.itemsize  # int64 key

@@ -9,6 +9,10 @@ import torch.nn.functional as F
 from megatron_pr2.config import PredictorLoss
 
 
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
 def per_token_predictor_loss(
     kind: PredictorLoss,
     offset: torch.Tensor,
@@ -18,8 +22,8 @@ def per_token_predictor_loss(
     """``[tokens]`` losses; inputs ``[tokens, experts]``. Forward KL(target || prediction),
     summed over experts (the paper's direction, not the reversed one of early reference code);
     L2 is averaged over experts."""
-    current_logits = current_logits.detach().float()
-    old_logits = old_logits.float()
+    current_logits = _fp32(current_logits.detach())
+    old_logits = _fp32(old_logits)
     if kind is PredictorLoss.KL_POST:
         target = F.log_softmax(current_logits, dim=-1)
         predicted = F.log_softmax(old_logits + offset, dim=-1)

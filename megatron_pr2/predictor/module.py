@@ -24,7 +24,9 @@ class EvolutionPredictor(torch.nn.Module):
         setattr(self.weight, PREDICTOR_ATTR, True)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden.to(self.weight.dtype) @ self.weight.t()
+        if hidden.dtype != self.weight.dtype:
+            hidden = hidden.to(self.weight.dtype)
+        return torch.nn.functional.linear(hidden, self.weight)
 
 
 def predictor_parameters(

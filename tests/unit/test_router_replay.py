@@ -274,3 +274,16 @@ def test_padding_rows_are_excluded_from_replay_metrics(world1):
     n = metrics.counts(counters, K)
     assert n["tokens"] == T - 3
     assert n["fallback"] == 0
+
+
+@pytest.mark.parametrize("name", sorted(SCORE_FUNCTIONS))
+def test_predicted_topk_shortcut_equals_megatrons_selection(world1, name):
+    """Patch-point canary for the PR2 predicted route: where the router takes ``torch.topk`` of
+    the raw logits itself (softmax after top-k, no groups), megatron's routing function must
+    pick the same experts; every other score config goes through megatron's function."""
+    router = make_router(**SCORE_FUNCTIONS[name])
+    shortcut = name in ("softmax_post", "softmax_scaled")
+    assert router._selects_on_raw_logits == shortcut, name
+    torch.manual_seed(0)
+    for logits in (torch.randn(64, E), torch.randn(64, E).round(decimals=1)):  # also with ties
+        assert torch.equal(router.predicted_topk(logits), router._megatron_topk(logits)), name
