@@ -127,3 +127,26 @@ def test_none_at_off4_shows_router_drift(world1, tmp_path):
     last = [m[f"{ZERO_DEVIATION}/mini_step_3"] for m in history]
     assert first == [1.0, 1.0, 1.0]  # mini-step 0: the weights that recorded the routes
     assert sum(last) / len(last) < 0.97, last
+
+
+def test_two_runs_stepped_alternately_match_each_run_alone(world1, tmp_path):
+    """``training_steps`` lets a caller interleave runs in one process (bench_loop's stepped
+    pairs). The runs must not share state: each interleaved run's metrics equal its solo run's
+    (timings aside)."""
+    from megatron_pr2.rl.trainer import training_steps
+
+    def config(mode: str, name: str):
+        return load_config(TINY, [*tiny_overrides(mode, str(tmp_path / name)), "grpo.seed=3"])
+
+    def comparable(history):
+        return [{k: v for k, v in m.items() if not k.startswith("timing/")} for m in history]
+
+    alone = {mode: comparable(train(config(mode, f"{mode}-alone"))) for mode in ("r2", "pr2")}
+    runs = {mode: training_steps(config(mode, f"{mode}-paired")) for mode in ("pr2", "r2")}
+    paired: dict[str, list] = {"r2": [], "pr2": []}
+    for step in range(2):
+        for mode in ("pr2", "r2") if step % 2 == 0 else ("r2", "pr2"):
+            paired[mode].append(next(runs[mode]))
+    for mode in ("r2", "pr2"):
+        assert next(runs[mode], None) is None  # max_num_steps=2: the run is over
+        assert comparable(paired[mode]) == alone[mode], mode
