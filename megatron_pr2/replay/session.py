@@ -70,6 +70,40 @@ class RouteTrace:
     live: torch.Tensor
 
 
+class PlannedPass:
+    """The context of one replay or observe pass: plans set on entry; on a clean exit every
+    planned microbatch must have been used; routes dropped on any exit. A small class rather
+    than a ``contextlib`` generator, whose machinery costs more than the pass setup itself."""
+
+    __slots__ = ("_action", "_cache", "_loss", "_routes", "_session", "_token_keys")
+
+    def __init__(
+        self,
+        session: ReplaySession,
+        action: RouteAction,
+        routes: Routes,
+        token_keys: Sequence[torch.Tensor | None] | None,
+        predictor_loss: bool = False,
+        cache_features: bool = False,
+    ) -> None:
+        self._session, self._action, self._routes = session, action, routes
+        self._token_keys, self._loss, self._cache = token_keys, predictor_loss, cache_features
+
+    def __enter__(self) -> None:
+        self._session._start_planned_pass(
+            self._action, self._routes, self._token_keys, self._loss, self._cache
+        )
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        try:
+            if exc_type is None:
+                self._session._check_plans_used()
+                if self._cache:
+                    self._session._share_predictor_cache_keys()
+        finally:
+            self._session.reset()
+
+
 class ReplaySession:
     """Controls the replay routers of one rank's model chunks."""
 
@@ -138,43 +172,29 @@ class ReplaySession:
         finally:
             self.reset()
 
-    @contextlib.contextmanager
     def replaying(
         self,
         routes: Routes,
         token_keys: Sequence[torch.Tensor | None] | None = None,
         predictor_loss: bool = False,
         cache_features: bool = False,
-    ) -> Iterator[None]:
+    ) -> PlannedPass:
         """Force ``routes`` on every local router for one pass (forward and recompute alike).
 
         ``predictor_loss`` (pr2, mini-steps >= 1): add each router's predictor loss on the cached
         tokens of the batch, through megatron's aux-loss plumbing. ``cache_features`` (pr2_r3's
         old-log-prob pass): start a new feature cache and fill it, as a pr2 recording pass does.
         """
-        self._start_planned_pass(
-            RouteAction.REPLAY, routes, token_keys, predictor_loss, cache_features
+        return PlannedPass(
+            self, RouteAction.REPLAY, routes, token_keys, predictor_loss, cache_features
         )
-        try:
-            yield
-            self._check_plans_used()
-            if cache_features:
-                self._share_predictor_cache_keys()
-        finally:
-            self.reset()
 
-    @contextlib.contextmanager
     def observing(
         self, routes: Routes, token_keys: Sequence[torch.Tensor | None] | None = None
-    ) -> Iterator[None]:
+    ) -> PlannedPass:
         """Route live, and measure each router's live top-k against ``routes`` (the drift that
         mode ``none`` lets through; metrics as for replay, with ``routes`` as the replayed set)."""
-        self._start_planned_pass(RouteAction.OBSERVE, routes, token_keys)
-        try:
-            yield
-            self._check_plans_used()
-        finally:
-            self.reset()
+        return PlannedPass(self, RouteAction.OBSERVE, routes, token_keys)
 
     def _start_planned_pass(
         self,
