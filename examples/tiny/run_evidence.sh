@@ -3,16 +3,22 @@
 # `pr2 compare` writes the table and figure to docs/results/. Run from the repository root:
 #   bash examples/tiny/run_evidence.sh            # JOBS=2 runs at a time by default
 # Extra arguments are passed to every run as overrides (e.g. grpo.max_num_steps=10).
-# MODES / SEEDS pick a subset (e.g. MODES="pr2 pr2_r3" to rerun only the predictor modes).
+# MODES / SEEDS pick a subset (e.g. MODES="pr2 pr2_r3" to rerun only the predictor modes);
+# a subset writes its comparison into RUNS unless OUT is given.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-.venv/bin/python}
 PR2=${PR2:-.venv/bin/pr2}
 RUNS=${RUNS:-logs/evidence_off4}
-OUT=${OUT:-docs/results}
 JOBS=${JOBS:-2}
 MODES=${MODES:-none r2 r3 pr2 pr2_r3}
 SEEDS=${SEEDS:-1 2 3}
+# Only the full run replaces the committed docs/results; a subset compares into its RUNS folder.
+if [ "$MODES" = "none r2 r3 pr2 pr2_r3" ] && [ "$SEEDS" = "1 2 3" ]; then
+  OUT=${OUT:-docs/results}
+else
+  OUT=${OUT:-$RUNS}
+fi
 export OMP_NUM_THREADS=1 TORCHDYNAMO_DISABLE=1
 mkdir -p "$RUNS"
 jobs_file=$(mktemp)
