@@ -52,29 +52,23 @@ class PredictorState:
         offset = predictor(hidden)
         room = self.config.cache_tokens_per_step - self.cache.num_tokens
         if room > 0:
-            host_rows, device_rows, row_keys = self._sampled_rows(keys)
-            if room < row_keys.numel():
-                host_rows, device_rows, row_keys = (
-                    host_rows[:room],
-                    device_rows[:room],
-                    row_keys[:room],
-                )
+            device_rows, row_keys = self._sampled_rows(keys)
+            if room < row_keys.shape[0]:
+                device_rows, row_keys = device_rows[:room], row_keys[:room]
             self.cache.add(row_keys, hidden[device_rows], logits[device_rows])
         self._add_on_device(BIAS_ABS, offset.norm(p=1))
         self._add_on_device(LOGIT_ABS, logits.norm(p=1))
         return offset
 
-    def _sampled_rows(
-        self, keys: MicrobatchKeys
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(host rows, device rows, keys) of the tokens the cache samples: the same for every
-        layer, so derived once per microbatch, on the host."""
+    def _sampled_rows(self, keys: MicrobatchKeys) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows on the device, their host keys) of the tokens the cache samples: the same for
+        every layer, so derived once per microbatch, on the host."""
         fraction = self.config.cache_keep_fraction
 
-        def compute() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        def compute() -> tuple[torch.Tensor, torch.Tensor]:
             # Negative keys mark padding (routes.layout): never a training target.
-            host = (sampled(keys.host, fraction) & (keys.host >= 0)).nonzero().flatten()
-            return host, host.to(keys.device.device, non_blocking=True), keys.host[host]
+            rows = (sampled(keys.host, fraction) & (keys.host >= 0)).nonzero().flatten()
+            return rows.to(keys.on_device.device, non_blocking=True), keys.host[rows]
 
         return keys.derived(("cache_rows", fraction), compute)
 
@@ -85,7 +79,7 @@ class PredictorState:
 
         def compute() -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
             rows, positions = self.cache.locate(keys.host)
-            return cached, rows.to(keys.device.device, non_blocking=True), positions
+            return cached, rows.to(keys.on_device.device, non_blocking=True), positions
 
         # The memo holds ``cached`` itself, so its id cannot be reused while the memo lives.
         found = keys.derived(("cache_rows_of", id(cached)), compute)

@@ -26,7 +26,7 @@ class MicrobatchKeys:
             )
         self.host = keys.detach().cpu()  # a no-op for host keys (the trainer's case)
         target = keys.device if device is None else torch.device(device)
-        self.device = self.host if target.type == "cpu" else keys.to(target, non_blocking=True)
+        self.on_device = self.host if target.type == "cpu" else keys.to(target, non_blocking=True)
         self._derived: dict[Hashable, Any] = {}
         self._len = self.host.shape[0]
         self._has_padding = bool((self.host < 0).any())  # host op: no device sync
@@ -43,7 +43,7 @@ class MicrobatchKeys:
         """``[tokens]`` bool on the device, True for padding; None when there is none."""
         if not self._has_padding:
             return None
-        return self.derived("padding_rows", lambda: self.device < 0)
+        return self.derived("padding_rows", lambda: self.on_device < 0)
 
     def derived(self, name: Hashable, compute: Callable[[], Any]) -> Any:
         """``compute()`` once per microbatch and pass: for values that depend on the keys alone,
