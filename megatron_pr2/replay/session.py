@@ -75,31 +75,19 @@ class PlannedPass:
     planned microbatch must have been used; routes dropped on any exit. A small class rather
     than a ``contextlib`` generator, whose machinery costs more than the pass setup itself."""
 
-    __slots__ = ("_action", "_cache", "_loss", "_routes", "_session", "_token_keys")
+    __slots__ = ("_session", "_start_args")
 
-    def __init__(
-        self,
-        session: ReplaySession,
-        action: RouteAction,
-        routes: Routes,
-        token_keys: Sequence[torch.Tensor | None] | None,
-        predictor_loss: bool = False,
-        cache_features: bool = False,
-    ) -> None:
-        self._session, self._action, self._routes = session, action, routes
-        self._token_keys, self._loss, self._cache = token_keys, predictor_loss, cache_features
+    def __init__(self, session: ReplaySession, *start_args: object) -> None:
+        """``start_args``: those of ``ReplaySession._start_planned_pass``, applied on entry."""
+        self._session, self._start_args = session, start_args
 
     def __enter__(self) -> None:
-        self._session._start_planned_pass(
-            self._action, self._routes, self._token_keys, self._loss, self._cache
-        )
+        self._session._start_planned_pass(*self._start_args)
 
     def __exit__(self, exc_type, exc, traceback) -> None:
         try:
             if exc_type is None:
-                self._session._check_plans_used()
-                if self._cache:
-                    self._session._share_predictor_cache_keys()
+                self._session._finish_planned_pass()
         finally:
             self._session.reset()
 
@@ -225,7 +213,9 @@ class ReplaySession:
             self.reset()
             raise
 
-    def _check_plans_used(self) -> None:
+    def _finish_planned_pass(self) -> None:
+        """Every planned microbatch must have run; a pass that filled the feature caches
+        (pr2_r3's old-log-prob pass) lets them share their keys, as a recording pass does."""
         unused = {
             layer: left
             for layer in self._layers
@@ -233,6 +223,8 @@ class ReplaySession:
         }
         if unused:
             raise RuntimeError(f"routes of some microbatches were never used: {unused}")
+        if any(s.predictor is not None and s.predictor.cache_features for s in self._states()):
+            self._share_predictor_cache_keys()
 
     def _on_device(
         self, token_keys: Sequence[torch.Tensor | None] | None
