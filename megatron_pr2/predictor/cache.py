@@ -95,13 +95,6 @@ class FeatureCache:
             self._logits[positions].to(device, torch.float32),
         )
 
-    def lookup(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(rows of ``keys`` that are cached, their inputs, their old logits) — fp32, on
-        ``keys.device``."""
-        device = keys.device
-        rows, positions = self.locate(keys.detach().cpu())
-        return (rows.to(device), *self.features(positions, device))
-
     @property
     def num_tokens(self) -> int:
         return self._num_tokens

@@ -143,14 +143,15 @@ def test_cache_sampling_is_a_pure_function_of_the_key_and_respects_the_budget():
     assert 0.18 < mask.float().mean() < 0.32
     cache = FeatureCache("bf16")
     cache.add(keys[mask], torch.randn(int(mask.sum()), 8), torch.randn(int(mask.sum()), 4))
-    rows, inputs, logits = cache.lookup(keys[:100])
+    rows, positions = cache.locate(keys[:100])
+    inputs, logits = cache.features(positions, "cpu")
     assert torch.equal(rows, mask[:100].nonzero().flatten())
     assert inputs.dtype == torch.float32 and inputs.shape == (rows.numel(), 8)
     assert logits.shape == (rows.numel(), 4)
     assert cache.nbytes == int(mask.sum()) * (8 + 2 * 8 + 2 * 4)
 
 
-def test_caches_with_equal_keys_share_one_sorted_key_tensor_and_one_lookup():
+def test_caches_with_equal_keys_share_one_sorted_key_tensor_and_one_lookup(monkeypatch):
     """Every layer caches the same tokens: after sharing, a lookup computed for one layer's
     cache is reused (not recomputed) for the next, and equals a lookup of its own."""
     from megatron_pr2.predictor.state import PredictorState
@@ -174,16 +175,34 @@ def test_caches_with_equal_keys_share_one_sorted_key_tensor_and_one_lookup():
         calls.append(cache)
         return original(cache, host_keys)
 
-    FeatureCache.locate = counting_locate
-    try:
-        found = [state._cached_rows(query) for state in states]
-    finally:
-        FeatureCache.locate = original
+    monkeypatch.setattr(FeatureCache, "locate", counting_locate)
+    found = [state._cached_rows(query) for state in states]
+    monkeypatch.undo()
     assert calls == [states[0].cache]  # the second layer reused the first's lookup
     rows, positions = original(states[1].cache, keys[:40])
     for got_rows, got_positions in found:
         assert torch.equal(got_rows, rows) and torch.equal(got_positions, positions)
     assert torch.equal(rows, torch.arange(0, 40, 3))
+
+
+def test_passes_that_fill_the_caches_leave_every_layer_sharing_one_key_tensor(world1):
+    """Both ways the caches fill (pr2's recording pass, pr2_r3's replay pass with
+    ``cache_features``) end with all layers on one sorted-key tensor; a plain replay does not
+    touch the caches."""
+    chunks, session = build("pr2")
+    batches = h.make_batches(2)
+
+    def key_tensors():
+        return {id(session.state(layer).predictor.cache.sorted_keys) for layer in session.layers}
+
+    rec, _ = record(chunks, session, batches)
+    assert len(session.layers) > 1 and len(key_tensors()) == 1
+    for state in (session.state(layer) for layer in session.layers):
+        state.predictor.cache.clear()
+    with torch.no_grad(), session.replaying(rec.routes, cache_features=True):
+        lm_forward_backward(chunks, batches, forward_only=True)
+    assert session.state(session.layers[0]).predictor.cache.num_tokens > 0
+    assert len(key_tensors()) == 1
 
 
 def test_microbatch_keys_derive_once_and_report_padding_only_when_present():
