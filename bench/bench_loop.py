@@ -186,7 +186,7 @@ def pairs_table(mode: str, rounds: list[dict[str, list[dict]]]) -> str:
         for run in rounds:
             for a, b in zip(run[mode], run["r2"], strict=True):
                 if key == "s/token":
-                    out.append((a["total"] / a["tokens"]) / (b["total"] / b["tokens"]))
+                    out.append(_seconds_per_token([a]) / _seconds_per_token([b]))
                 else:
                     out.append(a[key] / b[key])
         return out
@@ -211,6 +211,10 @@ def _median(samples: list[dict[str, float]], phase: str) -> float:
     return statistics.median(sample[phase] for sample in samples)
 
 
+def _seconds_per_token(samples: list[dict[str, float]]) -> float:
+    return sum(s["total"] for s in samples) / sum(s["tokens"] for s in samples)
+
+
 def table(runs: Runs) -> str:
     results = {mode: [s for run in per_round for s in run] for mode, per_round in runs.items()}
     r2 = {phase: _median(results["r2"], phase) for phase in PHASES}
@@ -221,7 +225,7 @@ def table(runs: Runs) -> str:
     ]
     for mode, samples in results.items():
         step = _median(samples, "total")
-        tokens_per_s = sum(s["tokens"] for s in samples) / sum(s["total"] for s in samples)
+        tokens_per_s = 1.0 / _seconds_per_token(samples)
         replay_part = _median(samples, "logprobs") + _median(samples, "training")
         lines.append(
             f"| {mode} | {len(samples)} | {step:.3f} | {tokens_per_s:.0f} "
@@ -232,13 +236,10 @@ def table(runs: Runs) -> str:
     return "\n".join(lines)
 
 
-def paired_table(runs: Runs) -> str:
-    """Each run against the ``r2`` run of the same round (adjacent in time, so slow drifts of
-    the machine cancel): median step time and seconds per trained token, as ratios."""
-
-    def per_token(samples: list[dict[str, float]]) -> float:
-        return sum(s["total"] for s in samples) / sum(s["tokens"] for s in samples)
-
+def rounds_table(runs: Runs) -> str:
+    """Each run against the ``r2`` run of the same round: median step time and seconds per
+    trained token, as ratios. Runs are minutes apart, so the machine's drift stays in these
+    ratios; :func:`pairs_table` is the comparison that removes it."""
     lines = [
         "| mode | rounds | step vs r2, per round | median | s/token vs r2, per round | median |",
         "|---|---:|---|---:|---|---:|",
@@ -248,7 +249,7 @@ def paired_table(runs: Runs) -> str:
             continue
         pairs = list(zip(per_round, runs["r2"], strict=True))
         step = [_median(run, "total") / _median(ref, "total") for run, ref in pairs]
-        token = [per_token(run) / per_token(ref) for run, ref in pairs]
+        token = [_seconds_per_token(run) / _seconds_per_token(ref) for run, ref in pairs]
         lines.append(
             f"| {mode} | {len(pairs)} | {', '.join(f'{r:.2f}' for r in step)} "
             f"| {statistics.median(step):.3f}x | {', '.join(f'{r:.2f}' for r in token)} "
@@ -295,7 +296,7 @@ def main() -> None:
         load_before = os.getloadavg()[0]
         start = time.perf_counter()
         runs = measure(shape, modes)
-        body = table(runs) + "\n\nPaired by round (separate processes):\n\n" + paired_table(runs)
+        body = table(runs) + "\n\nPaired by round (separate processes):\n\n" + rounds_table(runs)
         if args.pair_rounds and "pr2" in modes:
             pairs = measure_pairs(shape, "pr2", args.pair_rounds)
             body += (
