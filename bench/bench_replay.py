@@ -514,7 +514,7 @@ def write_results(sub: str, version_heading: str) -> None:
 # ------------------------------------------------------------------------------------ main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reps", type=int, default=60, help="router benches, per variant")
+    parser.add_argument("--reps", type=int, default=200, help="router benches, per variant")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--gpt-reps", type=int, default=40, help="GPT step, per variant")
     parser.add_argument("--gpt-warmup", type=int, default=3)

@@ -6,6 +6,8 @@ reduced counts into NeMo-RL-style named metrics.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 
 METRIC_PREFIX = "router_replay"
@@ -25,7 +27,6 @@ def new_counters(topk: int, device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.zeros(num_counters(topk), dtype=torch.int64, device=device)
 
 
-@torch.no_grad()
 def accumulate(
     counters: torch.Tensor,
     replayed: torch.Tensor,
@@ -33,7 +34,8 @@ def accumulate(
     fallback_rows: torch.Tensor | None,
     padding_rows: torch.Tensor | None = None,
 ) -> None:
-    """Add one router call to ``counters`` (device ops only: no host sync).
+    """Add one router call to ``counters`` (device ops only: no host sync). Every input is an
+    integer or bool tensor, so no autograd history is built and no ``no_grad`` is needed.
 
     Args:
         replayed: ``[T, k]`` expert ids actually used (fallback rows already filled live).
@@ -43,8 +45,8 @@ def accumulate(
     """
     # |replayed ∩ live| per token from the k x k id pairs (ids within a row are distinct: routes
     # are validated, top-k picks distinct experts), cheaper than a [T, E] map.
-    overlap = (replayed.unsqueeze(2) == live.unsqueeze(1)).sum(dim=(1, 2))
-    if fallback_rows is None and padding_rows is None:  # the common path: 4 ops per call
+    overlap = (replayed[:, :, None] == live[:, None, :]).sum(dim=(1, 2))
+    if fallback_rows is None and padding_rows is None:  # the common path
         counters.scatter_add_(0, overlap, torch.ones_like(overlap))
         return
     real = None if padding_rows is None else ~padding_rows
@@ -57,22 +59,28 @@ def accumulate(
     counters.scatter_add_(0, overlap, weight.to(overlap.dtype))
 
 
-def counts(c: torch.Tensor, topk: int) -> dict[str, float]:
-    """Token counts of one counter vector: tokens measured, overlap sum, deviation bins."""
-    hist = c[: topk + 1].double()
-    deviation = hist.flip(0)  # deviation d = topk - overlap
+def counts(c: torch.Tensor | Sequence[float], topk: int) -> dict[str, float]:
+    """Token counts of one counter vector: tokens measured, overlap sum, deviation bins.
+
+    Plain Python on the host values: a metrics call reads each counter vector once
+    (``tolist``) instead of running a dozen small torch ops per layer."""
+    values = c.tolist() if isinstance(c, torch.Tensor) else list(c)
+    hist = [float(v) for v in values[: topk + 1]]  # hist[j]: tokens sharing j experts
+    deviation = hist[::-1]  # deviation d = topk - overlap
     return {
-        "tokens": float(hist.sum()),
-        "overlap": float((hist * torch.arange(topk + 1, dtype=torch.float64)).sum()),
-        "dev0": float(deviation[0]),
-        "dev1": float(deviation[1]),
-        "dev2": float(deviation[2]) if topk >= 2 else 0.0,
-        "dev_ge3": float(deviation[3:].sum()),
-        "fallback": float(c[topk + 1]),
+        "tokens": sum(hist),
+        "overlap": sum(j * n for j, n in enumerate(hist)),
+        "dev0": deviation[0],
+        "dev1": deviation[1],
+        "dev2": deviation[2] if topk >= 2 else 0.0,
+        "dev_ge3": sum(deviation[3:]),
+        "fallback": float(values[topk + 1]),
     }
 
 
-def summarize(per_layer: dict[int, torch.Tensor], topk: int) -> dict[str, float]:
+def summarize(
+    per_layer: Mapping[int, torch.Tensor | Sequence[float]], topk: int
+) -> dict[str, float]:
     """Per-layer and layer-averaged metrics from (already reduced) counters.
 
     Names: ``router_replay/{replay_agreement, zero_deviation_ratio, topk_deviation_{0,1,2,ge3},
@@ -81,9 +89,13 @@ def summarize(per_layer: dict[int, torch.Tensor], topk: int) -> dict[str, float]
     out: dict[str, float] = {}
     if not per_layer:
         return out
-    totals = torch.stack([c.cpu() for c in per_layer.values()]).sum(dim=0)
+    rows = {
+        layer: c.tolist() if isinstance(c, torch.Tensor) else list(c)
+        for layer, c in per_layer.items()
+    }
+    totals = [sum(column) for column in zip(*rows.values())]
 
-    def named(c: torch.Tensor, suffix: str) -> dict[str, float]:
+    def named(c: Sequence[float], suffix: str) -> dict[str, float]:
         n = counts(c, topk)
         out = {
             f"{METRIC_PREFIX}/fallback_tokens{suffix}": n["fallback"],
@@ -103,6 +115,6 @@ def summarize(per_layer: dict[int, torch.Tensor], topk: int) -> dict[str, float]
         }
 
     out.update(named(totals, ""))
-    for layer, c in sorted(per_layer.items()):
-        out.update(named(c.cpu(), f"/layer_{layer}"))
+    for layer, c in sorted(rows.items()):
+        out.update(named(c, f"/layer_{layer}"))
     return out

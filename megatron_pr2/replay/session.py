@@ -37,6 +37,9 @@ class PreparedRoutes(Mapping[int, list[torch.Tensor]]):
 
     def __init__(self, plans: dict[int, list[PlannedRoute | None]]) -> None:
         self.plans = plans
+        # The layer tuple of the session that last checked these plans complete (every local
+        # layer, one microbatch count): update passes reuse the check instead of redoing it.
+        self.checked_for: tuple[int, ...] | None = None
 
     def __getitem__(self, layer: int) -> list[torch.Tensor]:
         return [None if p is None else p.indices for p in self.plans[layer]]
@@ -114,7 +117,8 @@ class ReplaySession:
                 "no replay router in the model; build it from a spec passed through "
                 "megatron_pr2.patch.with_replay_router"
             )
-        self._layers = sorted(self._routers)
+        self._layers = tuple(sorted(self._routers))
+        self._has_predictor = any(s.predictor is not None for s in self._states())
         first = next(iter(self._routers.values()))
         self.topk: int = first.router_replay.topk
         self._config = first.config
@@ -194,8 +198,26 @@ class ReplaySession:
     ) -> None:
         """Give every local router its plan for one pass (a plain call, not a nested context
         manager: replay runs once per pass and its Python cost is part of the step)."""
-        plans = self.prepare(routes).plans
-        token_keys = self._on_device(token_keys)
+        prepared = self.prepare(routes)
+        if prepared.checked_for is not self._layers:
+            self._check_complete(prepared.plans)
+            prepared.checked_for = self._layers
+        plans = prepared.plans
+        keys = self._on_device(token_keys)
+        try:
+            for layer in self._layers:
+                state = self._routers[layer].router_replay
+                if cache_features and state.predictor is not None:
+                    state.predictor.start_recording()
+                state.start_prepared_pass(
+                    action, plans[layer], keys, predictor_loss, cache_features
+                )
+        except BaseException:
+            self.reset()
+            raise
+
+    def _check_complete(self, plans: Mapping[int, list[PlannedRoute | None]]) -> None:
+        """Every local layer has routes, and all for the same number of microbatches."""
         missing = [layer for layer in self._layers if layer not in plans]
         if missing:
             raise ValueError(f"routes missing for local MoE layer(s) {missing}")
@@ -203,15 +225,6 @@ class ReplaySession:
         if len(counts) != 1:
             per_layer = {layer: len(plans[layer]) for layer in self._layers}
             raise ValueError(f"routes give different microbatch counts per layer: {per_layer}")
-        try:
-            for layer in self._layers:
-                state = self._routers[layer].router_replay
-                if cache_features and state.predictor is not None:
-                    state.predictor.start_recording()
-                state.set_action(action, plans[layer], token_keys, predictor_loss, cache_features)
-        except BaseException:
-            self.reset()
-            raise
 
     def _finish_planned_pass(self) -> None:
         """Every planned microbatch must have run; a pass that filled the feature caches
@@ -223,7 +236,9 @@ class ReplaySession:
         }
         if unused:
             raise RuntimeError(f"routes of some microbatches were never used: {unused}")
-        if any(s.predictor is not None and s.predictor.cache_features for s in self._states()):
+        if self._has_predictor and any(
+            s.predictor is not None and s.predictor.cache_features for s in self._states()
+        ):
             self._share_predictor_cache_keys()
 
     def _on_device(
@@ -288,9 +303,8 @@ class ReplaySession:
             tp_size = self._routers[self._layers[0]].tp_group.size()
             if tp_size > 1 and not self._config.sequence_parallel:
                 table //= tp_size
-        per_layer = {
-            layer: table[layer] for layer in range(1, num_layers + 1) if bool(table[layer].any())
-        }
+        rows = table.tolist()  # one host read; the summary is plain Python
+        per_layer = {layer: rows[layer] for layer in range(1, num_layers + 1) if any(rows[layer])}
         out = replay_metrics.summarize(per_layer, self.topk)
         out.update(self._predictor_metrics(num_layers, group))
         return out
@@ -315,7 +329,8 @@ class ReplaySession:
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
             table = self._all_reduce_on_router_device(table, group)
-        present = [layer for layer in range(1, num_layers + 1) if table[layer].abs().sum() > 0]
+        rows = table.tolist()
+        present = [layer for layer in range(1, num_layers + 1) if any(rows[layer])]
         return predictor_state.summarize({layer: table[layer] for layer in present}, self.topk)
 
     # ------------------------------------------------------------------ diagnostics

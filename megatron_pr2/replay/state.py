@@ -91,17 +91,32 @@ class RouterReplayState:
         microbatch; each is validated here, before any forward runs, so a bad route never
         reaches routing. ``cache_features`` (pr2_r3's old-log-prob pass): a REPLAY pass that
         also fills the predictor's feature cache, as a pr2 RECORD pass does."""
-        self.reset()
+        planned: list[PlannedRoute | None] = []
         if action in (RouteAction.REPLAY, RouteAction.OBSERVE):
             if plan is None:
                 raise ValueError(
                     f"layer {self.layer_number}: {action.name} needs one route per microbatch"
                 )
-            self._plan = [self.prepare(routes, mb) for mb, routes in enumerate(plan)]
-        self._token_keys = [
+            planned = [self.prepare(routes, mb) for mb, routes in enumerate(plan)]
+        keys = [
             k if k is None or isinstance(k, MicrobatchKeys) else MicrobatchKeys(k)
             for k in token_keys or []
         ]
+        self.start_prepared_pass(action, planned, keys, predictor_loss, cache_features)
+
+    def start_prepared_pass(
+        self,
+        action: RouteAction,
+        plan: list[PlannedRoute | None],
+        token_keys: list[MicrobatchKeys | None] | None,
+        predictor_loss: bool = False,
+        cache_features: bool = False,
+    ) -> None:
+        """``set_action`` for a plan already validated by :meth:`prepare` and keys already
+        wrapped (the session's per-pass path: nothing is checked or copied again)."""
+        self.reset()
+        self._plan = plan
+        self._token_keys = token_keys or []
         if self.predictor is not None:
             self.predictor.compute_loss = predictor_loss and action is RouteAction.REPLAY
             self.predictor.cache_features = cache_features and action is RouteAction.REPLAY

@@ -82,6 +82,21 @@ def test_session_rejects_missing_layers_and_uneven_microbatch_counts(world1):
             pass
 
 
+def test_prepared_routes_are_checked_against_each_session_that_replays_them(world1):
+    # Update passes reuse a passed completeness check; another session must check again.
+    small = h.build("ours", num_layers=2)
+    prepared = small.session.prepare(h.random_routes(2))  # keeps this model's layers 1 and 2
+    for _ in range(2):
+        with small.session.replaying(prepared):
+            lm_forward_backward(small.chunks, h.make_batches(2))
+    full = h.build("ours")
+    for _ in range(2):  # a failed check is never remembered as passed
+        with pytest.raises(ValueError, match=r"routes missing for local MoE layer\(s\) \[3, 4\]"):
+            with full.session.replaying(prepared):
+                pass
+    assert full.session.routes_held == 0
+
+
 def test_unused_microbatch_routes_are_an_error(world1):
     built = h.build("ours")
     with pytest.raises(RuntimeError, match="routes of some microbatches were never used"):
