@@ -120,8 +120,8 @@ class ReplayTopKRouter(TopKRouter):
         )
         if not (recording or training):
             return logits
-        flat_input = input.reshape(-1, input.shape[-1])
-        flat_logits = logits.reshape(-1, logits.shape[-1])
+        flat_input = input.flatten(0, -2)  # [tokens, hidden]
+        flat_logits = logits.flatten(0, -2)  # [tokens, experts]
         microbatch = state.microbatch_of_current_call()
         keys = state.microbatch_keys(microbatch, flat_logits.shape[0], flat_logits.device)
         if recording:

@@ -3,6 +3,8 @@ the predictive metrics counters."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 
 from megatron_pr2.config import PredictorConfig
@@ -16,6 +18,7 @@ LOSS_SUM, LOSS_CALLS, ACC_OVERLAP, ACC_TOKENS, BIAS_ABS, LOGIT_ABS, CACHE_TOKENS
     range(8)
 )
 NUM_COUNTERS = 8
+_FOLD_TERMS = 256  # per-call metric terms kept per counter before they are summed
 
 
 class PredictorState:
@@ -26,19 +29,20 @@ class PredictorState:
         self.compute_loss = False
         self.cache_features = False  # a REPLAY pass that caches features (pr2_r3)
         self._host_counts = [0.0] * NUM_COUNTERS  # plain floats: no torch op per call
-        # Sums kept on the router's device, read once per metrics() call: no host sync per call.
-        self._device_sums: dict[int, torch.Tensor] = {}
+        # Per-call terms kept on the router's device and summed once per metrics() call: no
+        # host sync and no torch op per call (a list append), folded when a list grows long.
+        self._device_terms: dict[int, list[torch.Tensor]] = {}
 
     def start_recording(self) -> None:
         """New rollout batch: drop the previous batch's cache."""
         self.cache.clear()
 
     def _add_on_device(self, index: int, value: torch.Tensor) -> None:
-        total = self._device_sums.get(index)
-        if total is None:
-            self._device_sums[index] = value.detach().to(torch.float64, copy=True)
-        else:
-            total.add_(value)
+        """Add a 0-dim device tensor without autograd history to counter ``index``."""
+        terms = self._device_terms.setdefault(index, [])
+        terms.append(value)
+        if len(terms) >= _FOLD_TERMS:  # bounded memory if metrics are never taken (a trainer
+            terms[:] = [torch.stack(terms).sum()]  # takes them every step: no fold happens)
 
     @torch.no_grad()
     def record(
@@ -125,25 +129,29 @@ class PredictorState:
             self._host_counts[ACC_TOKENS] += num_rows
         return loss
 
-    def take_counters(self) -> torch.Tensor:
-        counters = torch.tensor(self._host_counts, dtype=torch.float64)
-        if self._device_sums:
-            indices = list(self._device_sums)
-            counters[indices] += torch.stack([self._device_sums[i] for i in indices]).cpu()
-            self._device_sums = {}
-        counters[CACHE_TOKENS] = self.cache.num_tokens
-        counters[CACHE_BYTES] = self.cache.nbytes
+    def take_counters(self) -> list[float]:
+        """The counter vector since the last call (one host read of the device terms)."""
+        counters = self._host_counts
+        if self._device_terms:
+            sums = torch.stack(
+                [torch.stack(terms).double().sum() for terms in self._device_terms.values()]
+            )
+            for index, total in zip(self._device_terms, sums.tolist()):
+                counters[index] += total
+            self._device_terms = {}
+        counters[CACHE_TOKENS] = float(self.cache.num_tokens)
+        counters[CACHE_BYTES] = float(self.cache.nbytes)
         self._host_counts = [0.0] * NUM_COUNTERS
         return counters
 
 
-def summarize(per_layer: dict[int, torch.Tensor], topk: int) -> dict[str, float]:
+def summarize(per_layer: Mapping[int, Sequence[float]], topk: int) -> dict[str, float]:
     """``pr2/{predictive_loss, predictive_topk_accuracy, bias_to_logits_ratio, cache_tokens,
-    cache_bytes}``, layer-averaged and per layer (``/layer_{n}``)."""
+    cache_bytes}``, layer-averaged and per layer (``/layer_{n}``), from (reduced) counter
+    vectors."""
     out: dict[str, float] = {}
 
-    def named(counters: torch.Tensor, suffix: str) -> dict[str, float]:
-        c = counters.tolist()
+    def named(c: Sequence[float], suffix: str) -> dict[str, float]:
         metrics = {
             f"pr2/cache_tokens{suffix}": c[CACHE_TOKENS],
             f"pr2/cache_bytes{suffix}": c[CACHE_BYTES],
@@ -171,7 +179,6 @@ def summarize(per_layer: dict[int, torch.Tensor], topk: int) -> dict[str, float]
         ]
         if values:
             out[f"pr2/{name}"] = sum(values) / len(values)
-    totals = torch.stack([per_layer[layer] for layer in layers]).sum(dim=0)
-    out["pr2/cache_tokens"] = float(totals[CACHE_TOKENS])
-    out["pr2/cache_bytes"] = float(totals[CACHE_BYTES])
+    out["pr2/cache_tokens"] = float(sum(per_layer[layer][CACHE_TOKENS] for layer in layers))
+    out["pr2/cache_bytes"] = float(sum(per_layer[layer][CACHE_BYTES] for layer in layers))
     return out

@@ -317,21 +317,19 @@ class ReplaySession:
         return on_device.cpu()
 
     def _predictor_metrics(self, num_layers: int, group) -> dict[str, float]:
-        """PR2 metrics (same collective pattern; a no-op table when no router has a predictor)."""
-        table = torch.zeros(num_layers + 1, predictor_state.NUM_COUNTERS, dtype=torch.float64)
-        has_predictor = False
+        """PR2 metrics (the same collective pattern as the replay metrics)."""
+        if not self._has_predictor:
+            return {}
+        rows = [[0.0] * predictor_state.NUM_COUNTERS for _ in range(num_layers + 1)]
         for layer in self._layers:
             if self.state(layer).predictor is not None:
-                table[layer] = self.state(layer).predictor.take_counters()
-                has_predictor = True
-        if not has_predictor:
-            return {}
+                rows[layer] = self.state(layer).predictor.take_counters()
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-            table = self._all_reduce_on_router_device(table, group)
-        rows = table.tolist()
-        present = [layer for layer in range(1, num_layers + 1) if any(rows[layer])]
-        return predictor_state.summarize({layer: table[layer] for layer in present}, self.topk)
+            table = torch.tensor(rows, dtype=torch.float64)
+            rows = self._all_reduce_on_router_device(table, group).tolist()
+        present = {layer: rows[layer] for layer in range(1, num_layers + 1) if any(rows[layer])}
+        return predictor_state.summarize(present, self.topk)
 
     # ------------------------------------------------------------------ diagnostics
     @contextlib.contextmanager

@@ -319,3 +319,16 @@ def test_cache_finds_the_same_tokens_under_a_different_micro_batching(world1):
     assert h.max_grad_diff(same, shuffled) <= 1e-6
     by_position = predictor_grads([[3, 0], [1, 2]], use_keys=False)
     assert h.max_grad_diff(same, by_position) > 1e-4
+
+
+def test_predictor_metric_terms_stay_bounded_and_sum_exactly():
+    """Per-call metric terms are list appends (no torch op); a run that never takes metrics
+    must not grow them without bound, and folding must not change the sum."""
+    from megatron_pr2.predictor.state import LOSS_SUM, PredictorState
+
+    state = PredictorState(PredictorConfig(), topk=2)
+    for i in range(1000):
+        state._add_on_device(LOSS_SUM, torch.tensor(float(i)))
+    assert max(len(terms) for terms in state._device_terms.values()) < 256
+    assert state.take_counters()[LOSS_SUM] == sum(range(1000))
+    assert state.take_counters()[LOSS_SUM] == 0.0  # taken: the next call starts from zero
