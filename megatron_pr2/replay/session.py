@@ -229,12 +229,12 @@ class ReplaySession:
     def _finish_planned_pass(self) -> None:
         """Every planned microbatch must have run; a pass that filled the feature caches
         (pr2_r3's old-log-prob pass) lets them share their keys, as a recording pass does."""
-        unused = {
-            layer: left
-            for layer in self._layers
-            if (left := self._routers[layer].router_replay.planned_microbatches_left)
-        }
-        if unused:
+        if any(state.planned_microbatches_left for state in self._states()):
+            unused = {
+                layer: left
+                for layer in self._layers
+                if (left := self.state(layer).planned_microbatches_left)
+            }
             raise RuntimeError(f"routes of some microbatches were never used: {unused}")
         if self._has_predictor and any(
             s.predictor is not None and s.predictor.cache_features for s in self._states()

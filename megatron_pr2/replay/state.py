@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -49,6 +49,22 @@ def in_backward_recompute() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+class _LiveTopk:
+    """megatron's own top-k for this router call (live routing, fallback rows, metrics): one
+    small object per call instead of a closure and its four cells."""
+
+    __slots__ = ("compute", "group_topk", "num_groups", "topk")
+
+    def __init__(self, compute: TopkFn, topk: int, num_groups: int | None, group_topk: int | None):
+        self.compute, self.topk = compute, topk
+        self.num_groups, self.group_topk = num_groups, group_topk
+
+    def __call__(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.compute(
+            scores, self.topk, num_groups=self.num_groups, group_topk=self.group_topk
+        )
+
+
 class RouterReplayState:
     """Replay state of one ``TopKRouter`` (one MoE layer)."""
 
@@ -65,13 +81,15 @@ class RouterReplayState:
         self.metrics_token_stride = metrics_token_stride
         self.layer_number: int | None = None  # megatron sets it (0.19 through set_layer_number)
         self.action = RouteAction.LIVE
-        self._plan: list[PlannedRoute | None] = []
+        self._plan: Sequence[PlannedRoute | None] = ()
         self._cursor = 0
         self.recorded: list[torch.Tensor] = []
-        self._recompute_queue: deque[tuple[torch.Tensor, int]] = deque()  # (route, microbatch)
+        # Routes of this pass's forwards, and their microbatches, in forward order.
+        self._recompute_queue: deque[torch.Tensor] = deque()
+        self._recompute_microbatches: deque[int] = deque()
         self.counters: torch.Tensor | None = None
         self.predictor: PredictorState | None = None  # set by the router in pr2 mode
-        self._token_keys: list[MicrobatchKeys | None] = []
+        self._token_keys: Sequence[MicrobatchKeys | None] = ()
         self._staged_indices: torch.Tensor | None = None
         self._pending_loss: torch.Tensor | None = None
         # Route tracing (diagnostics, see replay.session.RouteTrace): (keys, used, live) of every
@@ -116,7 +134,7 @@ class RouterReplayState:
         wrapped (the session's per-pass path: nothing is checked or copied again)."""
         self.reset()
         self._plan = plan
-        self._token_keys = token_keys or []
+        self._token_keys = token_keys or ()
         if self.predictor is not None:
             self.predictor.compute_loss = predictor_loss and action is RouteAction.REPLAY
             self.predictor.cache_features = cache_features and action is RouteAction.REPLAY
@@ -125,11 +143,15 @@ class RouterReplayState:
     def reset(self) -> None:
         """Drop every route held: plan, records, recompute queue. Counters survive."""
         self.action = RouteAction.LIVE
-        self._plan = []
+        # Empty tuples, not new lists: a pass resets every router twice, and each new list is
+        # an allocation that brings Python's cyclic GC nearer (measurable on small routers).
+        self._plan = ()
         self._cursor = 0
-        self.recorded = []
+        if self.recorded:
+            self.recorded = []
         self._recompute_queue.clear()
-        self._token_keys = []
+        self._recompute_microbatches.clear()
+        self._token_keys = ()
         self._staged_indices = None
         self._pending_loss = None
         if self.predictor is not None:
@@ -158,13 +180,11 @@ class RouterReplayState:
         group_topk: int | None = None,
         default_compute_topk: TopkFn | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        def live_topk(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return default_compute_topk(s, topk, num_groups=num_groups, group_topk=group_topk)
-
         if self.action is RouteAction.LIVE:
-            return live_topk(scores)
+            return default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)
         if in_backward_recompute():
             return self._recompute(scores)
+        live_topk = _LiveTopk(default_compute_topk, topk, num_groups, group_topk)
 
         if self.action is RouteAction.RECORD:
             microbatch = len(self.recorded)
@@ -219,8 +239,8 @@ class RouterReplayState:
     # ---------------------------------------------------------------- pr2 hooks (router side)
     def microbatch_of_current_call(self) -> int:
         """Microbatch index of the router call now running (before its top-k is taken)."""
-        if in_backward_recompute() and self._recompute_queue:
-            return self._recompute_queue[0][1]
+        if in_backward_recompute() and self._recompute_microbatches:
+            return self._recompute_microbatches[0]
         return len(self.recorded) if self.action is RouteAction.RECORD else self._cursor
 
     def microbatch_keys(
@@ -254,7 +274,8 @@ class RouterReplayState:
         # grad mode cannot tell it from a forward-only pass. The queue holds references to routes
         # of the current pass only and is dropped by ``reset`` at the end of the pass. (Integer
         # index tensors never carry autograd history, so no ``detach`` is needed here or above.)
-        self._recompute_queue.append((indices, microbatch))
+        self._recompute_queue.append(indices)
+        self._recompute_microbatches.append(microbatch)
 
     def _recompute(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._recompute_queue:
@@ -262,7 +283,8 @@ class RouterReplayState:
                 f"layer {self.layer_number}: activation recompute without a matching forward "
                 f"route (action {self.action.value}); the replay state was reset mid-pass"
             )
-        indices, _ = self._recompute_queue.popleft()
+        indices = self._recompute_queue.popleft()
+        self._recompute_microbatches.popleft()
         if indices.shape[0] != scores.shape[0]:
             raise RuntimeError(
                 f"layer {self.layer_number}: recompute sees {scores.shape[0]} tokens but its "
