@@ -157,7 +157,7 @@ class ReplaySession:
             self._share_predictor_cache_keys()
             record.routes = PreparedRoutes(  # our own top-k output: valid by construction
                 {
-                    layer: [PlannedRoute(idx, None) for idx in self.state(layer).recorded]
+                    layer: [PlannedRoute(idx, None, len(idx)) for idx in self.state(layer).recorded]
                     for layer in self._layers
                 }
             )

@@ -180,13 +180,21 @@ class RouterReplayState:
         group_topk: int | None = None,
         default_compute_topk: TopkFn | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.action is RouteAction.LIVE:
+        action = self.action
+        if action is RouteAction.LIVE:
             return default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)
         if in_backward_recompute():
             return self._recompute(scores)
         live_topk = _LiveTopk(default_compute_topk, topk, num_groups, group_topk)
+        if action is RouteAction.REPLAY:  # the update passes: the hot path, checked first
+            microbatch = self._cursor
+            indices = self._replay_indices(scores, live_topk)
+            self._remember_for_recompute(indices, microbatch)
+            if self.trace is not None:
+                self._trace(microbatch, indices, scores, live_topk)
+            return scores.gather(1, indices), indices
 
-        if self.action is RouteAction.RECORD:
+        if action is RouteAction.RECORD:
             microbatch = len(self.recorded)
             live: torch.Tensor | None = None
             if self._staged_indices is not None:  # pr2: the predicted set, unbiased gate weights
@@ -196,21 +204,15 @@ class RouterReplayState:
                 values, indices = live_topk(scores)
                 live = indices
             self.recorded.append(indices)
-            self._remember_for_recompute(indices, microbatch)
-            self._trace(microbatch, indices, scores, live_topk, live)
-            return values, indices
-
-        microbatch = self._cursor
-        if self.action is RouteAction.OBSERVE:
+        else:  # OBSERVE
+            microbatch = self._cursor
             values, indices = live_topk(scores)
             self._observe(indices, microbatch)
-            self._remember_for_recompute(indices, microbatch)
-            self._trace(microbatch, indices, scores, live_topk, indices)
-            return values, indices
-        indices = self._replay_indices(scores, live_topk)
+            live = indices
         self._remember_for_recompute(indices, microbatch)
-        self._trace(microbatch, indices, scores, live_topk)
-        return scores.gather(1, indices), indices
+        if self.trace is not None:
+            self._trace(microbatch, indices, scores, live_topk, live)
+        return values, indices
 
     def _trace(
         self,
@@ -222,8 +224,7 @@ class RouterReplayState:
     ) -> None:
         """Keep (token keys, experts used, live top-k) of every stride-th token (host sync: a
         diagnostic, off unless a trace is requested)."""
-        if self.trace is None:
-            return
+        assert self.trace is not None
         rows = slice(None, None, self.metrics_token_stride)
         with torch.no_grad():
             keys = self.microbatch_keys(microbatch, scores.shape[0], scores.device).host[rows]
@@ -303,10 +304,10 @@ class RouterReplayState:
                     live, live, torch.ones(num_tokens, dtype=torch.bool, device=live.device)
                 )
             return live
-        if planned.indices.shape[0] != num_tokens:
+        if planned.num_rows != num_tokens:  # a row count kept from prepare(): no tensor query
             raise ValueError(
                 f"routes for layer {self.layer_number}, microbatch {microbatch}: the router sees "
-                f"{num_tokens} tokens, the routes have {planned.indices.shape[0]} rows"
+                f"{num_tokens} tokens, the routes have {planned.num_rows} rows"
             )
         indices = planned.indices  # on the router's device since prepare()
         fallback_rows = planned.fallback_rows
@@ -342,10 +343,10 @@ class RouterReplayState:
         planned = self._next_plan()
         if planned is None or not self.collect_metrics:
             return
-        if planned.indices.shape[0] != live.shape[0]:
+        if planned.num_rows != live.shape[0]:
             raise ValueError(
                 f"routes for layer {self.layer_number}, microbatch {microbatch}: the router sees "
-                f"{live.shape[0]} tokens, the routes have {planned.indices.shape[0]} rows"
+                f"{live.shape[0]} tokens, the routes have {planned.num_rows} rows"
             )
         stride = self.metrics_token_stride
         sample = slice(None, None, stride) if stride > 1 else slice(None)
@@ -398,7 +399,7 @@ class RouterReplayState:
         if device is not None:
             indices = indices.to(device, non_blocking=True)
             fallback_rows = fallback_rows.to(device, non_blocking=True)
-        return PlannedRoute(indices, fallback_rows if has_fallback else None)
+        return PlannedRoute(indices, fallback_rows if has_fallback else None, len(indices))
 
 
 class PlannedRoute(NamedTuple):
@@ -406,3 +407,4 @@ class PlannedRoute(NamedTuple):
 
     indices: torch.Tensor  # [tokens, topk] int64 global expert ids, -1 rows = live fallback
     fallback_rows: torch.Tensor | None  # [tokens] bool, None when no row falls back
+    num_rows: int  # tokens, kept as an int so the per-call check queries no tensor
