@@ -157,11 +157,13 @@ def test_bad_route_is_refused_before_any_forward(world1):
         router.router_replay.set_action(RouteAction.REPLAY, [routes])
 
 
-def test_token_count_mismatch_names_layer_and_microbatch(world1):
+@pytest.mark.parametrize("rows", [T + 1, T - 1])  # fewer rows would silently drop tokens
+def test_token_count_mismatch_names_layer_and_microbatch(world1, rows):
     router = make_router()
-    routes = torch.arange(K).repeat(T + 1, 1)
+    routes = torch.arange(K).repeat(rows, 1)
     router.router_replay.set_action(RouteAction.REPLAY, [routes])
-    with pytest.raises(ValueError, match="layer 1, microbatch 0: the router sees 12 tokens"):
+    message = f"layer 1, microbatch 0: the router sees {T} tokens, the routes have {rows} rows"
+    with pytest.raises(ValueError, match=message):
         router(torch.randn(S, B, H))
 
 
