@@ -125,8 +125,8 @@ class RouterReplayState:
     def start_prepared_pass(
         self,
         action: RouteAction,
-        plan: list[PlannedRoute | None],
-        token_keys: list[MicrobatchKeys | None] | None,
+        plan: Sequence[PlannedRoute | None],
+        token_keys: Sequence[MicrobatchKeys | None] | None,
         predictor_loss: bool = False,
         cache_features: bool = False,
     ) -> None:
@@ -143,8 +143,8 @@ class RouterReplayState:
     def reset(self) -> None:
         """Drop every route held: plan, records, recompute queue. Counters survive."""
         self.action = RouteAction.LIVE
-        # Empty tuples, not new lists: a pass resets every router twice, and each new list is
-        # an allocation that brings Python's cyclic GC nearer (measurable on small routers).
+        # Empty tuples, not new lists: a pass resets every router twice, and an empty tuple
+        # is a shared constant while each new list is an allocation.
         self._plan = ()
         self._cursor = 0
         if self.recorded:
