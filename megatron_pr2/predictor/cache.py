@@ -26,14 +26,18 @@ def sampled(keys: torch.Tensor, keep_fraction: float) -> torch.Tensor:
 
 
 class FeatureCache:
-    """Rows of (input, old logits) by token key; append during recording, then lookup."""
+    """Rows of (input, old logits) by token key; append during recording, then lookup.
+
+    Each row is the router input and the old logits side by side in one tensor, so a router
+    call moves its sampled tokens to the host with one copy and a loss call moves them back with
+    one (on a GPU each device-to-host copy of pageable memory waits for the device)."""
 
     def __init__(self, dtype: str = "bf16") -> None:
         self.dtype = _DTYPES[dtype]
-        self._parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (keys, rows)
         self._keys: torch.Tensor | None = None
-        self._inputs: torch.Tensor | None = None
-        self._logits: torch.Tensor | None = None
+        self._rows: torch.Tensor | None = None  # [tokens, hidden + experts], sorted by key
+        self._hidden_size = 0
         self._num_tokens = 0  # kept as ints: summing tensor sizes per call costs torch ops
         self._nbytes = 0
 
@@ -42,23 +46,22 @@ class FeatureCache:
         """Append rows (copied to host memory in the cache dtype; no autograd history kept)."""
         if keys.shape[0] == 0:
             return
-        part = (keys.cpu(), inputs.to("cpu", self.dtype), logits.to("cpu", self.dtype))
-        self._parts.append(part)
-        rows = part[0].shape[0]
-        row_bytes = 8 + (inputs.shape[-1] + logits.shape[-1]) * self.dtype.itemsize  # int64 key
-        self._num_tokens += rows
-        self._nbytes += rows * row_bytes
+        self._hidden_size = inputs.shape[-1]
+        rows = torch.cat([inputs, logits], dim=1).to("cpu", self.dtype)  # one copy to the host
+        self._parts.append((keys.cpu(), rows))
+        num_rows, width = rows.shape
+        self._num_tokens += num_rows
+        self._nbytes += num_rows * (8 + width * self.dtype.itemsize)  # int64 key + the row
         self._keys = None  # re-sort lazily
 
     def _finalize(self) -> None:
         if self._keys is not None or not self._parts:
             return
-        keys = torch.cat([k for k, _, _ in self._parts])
+        keys = torch.cat([k for k, _ in self._parts])
         order = keys.argsort()
         self._keys = keys[order]
-        self._inputs = torch.cat([i for _, i, _ in self._parts])[order]
-        self._logits = torch.cat([g for _, _, g in self._parts])[order]
-        self._parts = [(self._keys, self._inputs, self._logits)]
+        self._rows = torch.cat([r for _, r in self._parts])[order]
+        self._parts = [(self._keys, self._rows)]
 
     @property
     def sorted_keys(self) -> torch.Tensor | None:
@@ -72,7 +75,7 @@ class FeatureCache:
         mine, theirs = self.sorted_keys, other.sorted_keys
         if mine is not None and theirs is not None and torch.equal(mine, theirs):
             self._keys = theirs
-            self._parts = [(theirs, self._inputs, self._logits)]
+            self._parts = [(theirs, self._rows)]
 
     def locate(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows of the host ``keys`` that are cached, their positions in this cache)."""
@@ -88,12 +91,10 @@ class FeatureCache:
         self, positions: torch.Tensor, device: torch.device | str
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached (inputs, old logits) at ``positions`` (from :meth:`locate`), fp32 on device."""
-        if self._inputs is None:
+        if self._rows is None:
             return torch.empty(0, device=device), torch.empty(0, device=device)
-        return (
-            self._inputs[positions].to(device, torch.float32),
-            self._logits[positions].to(device, torch.float32),
-        )
+        rows = self._rows[positions].to(device, torch.float32)  # one copy to the device
+        return rows[:, : self._hidden_size], rows[:, self._hidden_size :]
 
     @property
     def num_tokens(self) -> int:
