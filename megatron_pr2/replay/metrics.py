@@ -64,7 +64,7 @@ def counts(c: torch.Tensor | Sequence[float], topk: int) -> dict[str, float]:
 
     Plain Python on the host values: a metrics call reads each counter vector once
     (``tolist``) instead of running a dozen small torch ops per layer."""
-    values = c.tolist() if isinstance(c, torch.Tensor) else list(c)
+    values = c.tolist() if isinstance(c, torch.Tensor) else c
     hist = [float(v) for v in values[: topk + 1]]  # hist[j]: tokens sharing j experts
     deviation = hist[::-1]  # deviation d = topk - overlap
     return {

@@ -23,6 +23,7 @@ passes in the order of its forward passes, and each chunk has its own routers.
 from __future__ import annotations
 
 import enum
+import functools
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -47,22 +48,6 @@ class RouteAction(enum.Enum):
 def in_backward_recompute() -> bool:
     """True while autograd's engine runs a backward, i.e. inside an activation recompute."""
     return torch._C._current_graph_task_id() != -1
-
-
-class _LiveTopk:
-    """megatron's own top-k for this router call (live routing, fallback rows, metrics): one
-    small object per call instead of a closure and its four cells."""
-
-    __slots__ = ("compute", "group_topk", "num_groups", "topk")
-
-    def __init__(self, compute: TopkFn, topk: int, num_groups: int | None, group_topk: int | None):
-        self.compute, self.topk = compute, topk
-        self.num_groups, self.group_topk = num_groups, group_topk
-
-    def __call__(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.compute(
-            scores, self.topk, num_groups=self.num_groups, group_topk=self.group_topk
-        )
 
 
 class RouterReplayState:
@@ -185,7 +170,9 @@ class RouterReplayState:
             return default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)
         if in_backward_recompute():
             return self._recompute(scores)
-        live_topk = _LiveTopk(default_compute_topk, topk, num_groups, group_topk)
+        live_topk = functools.partial(
+            default_compute_topk, topk=topk, num_groups=num_groups, group_topk=group_topk
+        )
         if action is RouteAction.REPLAY:  # the update passes: the hot path, checked first
             microbatch = self._cursor
             indices = self._replay_indices(scores, live_topk)
