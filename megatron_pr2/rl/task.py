@@ -23,6 +23,7 @@ __all__ = [
     "SupervisedExample",
     "SyntheticTask",
     "TaskConfig",
+    "collate_supervised",
 ]
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
@@ -218,15 +219,21 @@ class SyntheticTask:
         return out
 
     def collate(self, examples: Sequence[SupervisedExample]) -> dict[str, torch.Tensor]:
-        """Right-pad to a batch: ``input_ids`` [B, S] long, ``loss_mask`` [B, S] float,
-        ``lengths`` [B] long."""
-        if not examples:
-            raise ValueError("collate needs at least one example")
-        width = max(len(e.tokens) for e in examples)
-        ids = torch.full((len(examples), width), self.tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(examples), width), dtype=torch.float32)
-        for row, e in enumerate(examples):
-            ids[row, : len(e.tokens)] = torch.tensor(e.tokens, dtype=torch.long)
-            mask[row, : len(e.loss_mask)] = torch.tensor(e.loss_mask, dtype=torch.float32)
-        lengths = torch.tensor([len(e.tokens) for e in examples], dtype=torch.long)
-        return {"input_ids": ids, "loss_mask": mask, "lengths": lengths}
+        return collate_supervised(examples, self.tokenizer.pad_id)
+
+
+def collate_supervised(
+    examples: Sequence[SupervisedExample], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Right-pad to a batch: ``input_ids`` [B, S] long, ``loss_mask`` [B, S] float,
+    ``lengths`` [B] long."""
+    if not examples:
+        raise ValueError("collate needs at least one example")
+    width = max(len(e.tokens) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.float32)
+    for row, e in enumerate(examples):
+        ids[row, : len(e.tokens)] = torch.tensor(e.tokens, dtype=torch.long)
+        mask[row, : len(e.loss_mask)] = torch.tensor(e.loss_mask, dtype=torch.float32)
+    lengths = torch.tensor([len(e.tokens) for e in examples], dtype=torch.long)
+    return {"input_ids": ids, "loss_mask": mask, "lengths": lengths}
