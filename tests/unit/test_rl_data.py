@@ -60,7 +60,9 @@ def test_unparseable_row_names_file_row_and_column(tmp_path):
     rows = dapo_rows(PROBLEMS)
     rows.append({**rows[0], "reward_model": {"ground_truth": "", "style": "rule-lang"}})
     path = write_parquet(tmp_path / "bad.parquet", rows)
-    with pytest.raises(DatasetError, match=r"bad\.parquet: row 2: column 'reward_model\.ground_truth'"):
+    with pytest.raises(
+        DatasetError, match=r"bad\.parquet: row 2: column 'reward_model\.ground_truth'"
+    ):
         load_problems([path], DataConfig())
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": \n')
@@ -86,7 +88,7 @@ def test_exact_match_reward():
     assert make_reward("exact_match") is exact_match_reward
     with pytest.raises(ValueError, match="unknown reward"):
         make_reward("f1")
-    with pytest.raises(ValueError, match="data.reward"):
+    with pytest.raises(ValueError, match=r"data\.reward"):
         DataConfig(reward="f1")
 
 
