@@ -29,6 +29,9 @@ def validate_routes(
 ) -> torch.Tensor:
     """Check one layer's routes and return them as an int64 tensor (a copy only if needed).
 
+    Every fault kind is checked in one vectorised pass, so the token named is the first bad
+    token whatever its fault, and a valid route costs one host sync.
+
     Args:
         routes: ``[tokens, topk]`` integer tensor of global expert ids, or ``-1`` rows.
         layer: global layer number (1-based, megatron's ``layer_number``), for messages.
@@ -52,37 +55,42 @@ def validate_routes(
         raise ValueError(
             f"routes for {where}: expected {num_tokens} tokens (rows), got {routes.shape[0]}"
         )
+    if routes.shape[0] == 0:  # a router always sees tokens: an empty route is a lost microbatch
+        raise ValueError(
+            f"routes for {where}: no rows, but a router always routes at least one token "
+            "(use None for a microbatch that routes live)"
+        )
     if routes.dtype == torch.uint8 and num_experts > 255:
         raise ValueError(
             f"routes for {where}: uint8 cannot hold expert ids up to {num_experts - 1}"
         )
     routes = routes.to(torch.int64)
-    if routes.numel() == 0:
-        return routes
-
     fallback = routes == FALLBACK
-    fallback_rows = fallback.all(dim=1)
-    partial = fallback.any(dim=1) & ~fallback_rows
-    if bool(partial.any()):
-        token = int(partial.nonzero()[0, 0])
-        raise ValueError(
-            f"routes for {where}, token {token}: a row mixes -1 with expert ids "
-            f"{routes[token].tolist()}; use all -1 for a live-router fallback"
-        )
-    bad_range = ((routes < 0) | (routes >= num_experts)) & ~fallback
-    if bool(bad_range.any()):
-        token = int(bad_range.any(dim=1).nonzero()[0, 0])
-        raise ValueError(
-            f"routes for {where}, token {token}: expert id out of range [0, {num_experts}) "
-            f"in {routes[token].tolist()}"
-        )
+    any_fallback = fallback.any(dim=1)
+    bad = (any_fallback & ~fallback.all(dim=1)) | (
+        (routes < FALLBACK) | (routes >= num_experts)
+    ).any(dim=1)
     if topk > 1:
         ordered = routes.sort(dim=1).values
-        duplicate = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1) & ~fallback_rows
-        if bool(duplicate.any()):
-            token = int(duplicate.nonzero()[0, 0])
-            raise ValueError(
-                f"routes for {where}, token {token}: duplicate expert id "
-                f"in {routes[token].tolist()}"
-            )
+        bad |= (ordered[:, 1:] == ordered[:, :-1]).any(dim=1) & ~any_fallback
+    if bool(bad.any()):
+        token = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"routes for {where}, token {token}: {_row_faults(routes[token].tolist(), num_experts)}"
+        )
     return routes
+
+
+def _row_faults(row: list[int], num_experts: int) -> str:
+    """Every fault of one bad row, for the error message (slow path: one row, plain Python)."""
+    faults = []
+    if any(e != FALLBACK and not 0 <= e < num_experts for e in row):
+        faults.append(f"expert id out of range [0, {num_experts}) in {row}")
+    if FALLBACK in row and any(e != FALLBACK for e in row):
+        faults.append(
+            f"a row mixes -1 with expert ids {row}; use all -1 for a live-router fallback"
+        )
+    ids = [e for e in row if e != FALLBACK]
+    if FALLBACK not in row and len(set(ids)) != len(ids):
+        faults.append(f"duplicate expert id in {row}")
+    return "; ".join(faults)

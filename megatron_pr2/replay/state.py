@@ -89,22 +89,36 @@ class RouterReplayState:
         token_keys: list[MicrobatchKeys | torch.Tensor | None] | None = None,
         predictor_loss: bool = False,
         cache_features: bool = False,
+        num_tokens: Sequence[int | None] | None = None,
     ) -> None:
         """Start a pass. For REPLAY and OBSERVE, ``plan`` holds one route (or None = live) per
         microbatch; each is validated here, before any forward runs, so a bad route never
-        reaches routing. ``cache_features`` (pr2_r3's old-log-prob pass): a REPLAY pass that
-        also fills the predictor's feature cache, as a pr2 RECORD pass does."""
+        reaches routing. ``num_tokens``: the router's tokens per microbatch (default: the
+        lengths of ``token_keys``, when given), so a wrong row count in any microbatch is also
+        refused here, not after earlier microbatches ran. ``cache_features`` (pr2_r3's
+        old-log-prob pass): a REPLAY pass that also fills the predictor's feature cache, as a
+        pr2 RECORD pass does."""
+        keys = [
+            k if k is None or isinstance(k, MicrobatchKeys) else MicrobatchKeys(k)
+            for k in token_keys or []
+        ]
         planned: list[PlannedRoute | None] = []
         if action in (RouteAction.REPLAY, RouteAction.OBSERVE):
             if plan is None:
                 raise ValueError(
                     f"layer {self.layer_number}: {action.name} needs one route per microbatch"
                 )
-            planned = [self.prepare(routes, mb) for mb, routes in enumerate(plan)]
-        keys = [
-            k if k is None or isinstance(k, MicrobatchKeys) else MicrobatchKeys(k)
-            for k in token_keys or []
-        ]
+            if num_tokens is None and keys:
+                num_tokens = [None if k is None else len(k) for k in keys]
+            if num_tokens is not None and len(num_tokens) != len(plan):
+                raise ValueError(
+                    f"layer {self.layer_number}: routes for {len(plan)} microbatch(es), but the "
+                    f"pass has {len(num_tokens)}"
+                )
+            planned = [
+                self.prepare(routes, mb, num_tokens=None if num_tokens is None else num_tokens[mb])
+                for mb, routes in enumerate(plan)
+            ]
         self.start_prepared_pass(action, planned, keys, predictor_loss, cache_features)
 
     def start_prepared_pass(
@@ -369,16 +383,27 @@ class RouterReplayState:
         routes: torch.Tensor | PlannedRoute | None,
         microbatch: int,
         device: torch.device | str | None = None,
+        num_tokens: int | None = None,
     ) -> PlannedRoute | None:
         """Validate one microbatch's routes once and move them to ``device`` once; a
-        ``PlannedRoute`` passes through."""
-        if routes is None or isinstance(routes, PlannedRoute):
+        ``PlannedRoute`` passes through (its row count still checked against ``num_tokens``,
+        the tokens this router sees in that microbatch, when known)."""
+        layer = self.layer_number if self.layer_number is not None else -1
+        if routes is None:
+            return routes
+        if isinstance(routes, PlannedRoute):
+            if num_tokens is not None and routes.num_rows != num_tokens:
+                raise ValueError(
+                    f"routes for layer {layer}, microbatch {microbatch}: expected {num_tokens} "
+                    f"tokens (rows), got {routes.num_rows}"
+                )
             return routes
         indices = validate_routes(
             routes,
-            layer=self.layer_number if self.layer_number is not None else -1,
+            layer=layer,
             num_experts=self.num_experts,
             topk=self.topk,
+            num_tokens=num_tokens,
             microbatch=microbatch,
         )
         fallback_rows = indices[:, 0] == FALLBACK  # validated: a -1 row is all -1

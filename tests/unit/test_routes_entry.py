@@ -1,0 +1,73 @@
+"""Issue 16 (routes): every route fault is refused when a pass starts, before any forward, and
+names the first bad token whatever its fault."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_pr2.replay.routes import validate_routes
+from megatron_pr2.replay.state import RouteAction
+from tests.unit.test_router_replay import K, T, make_router
+
+
+def _valid(rows: int) -> torch.Tensor:
+    return torch.arange(K).repeat(rows, 1)
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        (T - 1, f"layer 1, microbatch 1: expected {T} tokens \\(rows\\), got {T - 1}"),
+        (0, "layer 1, microbatch 1: expected 12 tokens \\(rows\\), got 0"),
+    ],
+)
+def test_set_action_checks_every_microbatch_against_its_token_keys(world1, rows, message):
+    router = make_router()
+    keys = [torch.arange(T, dtype=torch.int64), torch.arange(T, dtype=torch.int64) + T]
+    with pytest.raises(ValueError, match=message):
+        router.router_replay.set_action(
+            RouteAction.REPLAY, [_valid(T), _valid(rows)], token_keys=keys
+        )
+    assert router.router_replay.action is RouteAction.LIVE
+
+
+def test_set_action_checks_explicit_token_counts(world1):
+    router = make_router()
+    with pytest.raises(ValueError, match=f"microbatch 1: expected {T} tokens \\(rows\\), got 5"):
+        router.router_replay.set_action(
+            RouteAction.REPLAY, [_valid(T), _valid(5)], num_tokens=[T, T]
+        )
+    with pytest.raises(ValueError, match="routes for 2 microbatch\\(es\\), but the pass has 3"):
+        router.router_replay.set_action(
+            RouteAction.REPLAY, [_valid(T), _valid(T)], num_tokens=[T, T, T]
+        )
+
+
+def test_empty_route_is_refused_without_token_counts(world1):
+    router = make_router()
+    with pytest.raises(ValueError, match="layer 1, microbatch 1: no rows"):
+        router.router_replay.set_action(
+            RouteAction.REPLAY, [_valid(T), torch.empty(0, K, dtype=torch.int64)]
+        )
+
+
+@pytest.mark.parametrize(
+    ("rows", "token", "fault"),
+    [
+        ([[8, 1], [-1, 2]], 0, "out of range"),  # range fault before a partial -1 row
+        ([[3, 3], [-1, 2]], 0, "duplicate expert id"),  # duplicate before a partial -1 row
+        ([[0, 1], [-1, 2], [9, 9]], 1, "mixes -1"),
+        ([[0, 1], [-2, 5], [1, 1]], 1, "out of range"),
+    ],
+)
+def test_first_bad_token_over_every_kind_of_fault(rows, token, fault):
+    with pytest.raises(ValueError, match=f"layer 3, microbatch 2, token {token}: .*{fault}"):
+        validate_routes(
+            torch.tensor(rows), layer=3, num_experts=8, topk=2, microbatch=2, num_tokens=len(rows)
+        )
+
+
+def test_a_row_with_several_faults_names_them_all():
+    with pytest.raises(ValueError, match="out of range .* in \\[-1, 9\\]; a row mixes -1"):
+        validate_routes(torch.tensor([[-1, 9]]), layer=1, num_experts=8, topk=2)
