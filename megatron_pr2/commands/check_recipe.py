@@ -12,11 +12,17 @@ import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "check-recipe", help="validate a recipe (model shape, parallel sizes) and estimate memory"
+    from megatron_pr2.commands.overrides import add_parser_with_overrides
+
+    parser = add_parser_with_overrides(
+        subparsers,
+        "check-recipe",
+        help="validate a recipe (model shape, parallel sizes) and estimate memory",
     )
     parser.add_argument("recipe", help="recipe YAML (examples/recipes/...)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted key=value overrides (also after flags)"
+    )
     parser.add_argument(
         "--variant", action="append", default=[], help="a named variant of the recipe (repeatable)"
     )

@@ -27,9 +27,13 @@ def _env_pair(text: str) -> tuple[str, str]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("launch", help="run the trainer through nemo-run (local or SLURM)")
+    from megatron_pr2.commands.overrides import add_parser_with_overrides
+
+    p = add_parser_with_overrides(
+        subparsers, "launch", help="run the trainer through nemo-run (local or SLURM)"
+    )
     p.add_argument("recipe", help="recipe YAML (examples/recipes/...) or a trainer config")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides (also after flags)")
     p.add_argument("--variant", action="append", default=[], help="named recipe variant")
     p.add_argument("--executor", choices=("local", "slurm"), help="cluster.executor")
     p.add_argument("--nodes", type=int, help="cluster.nodes")

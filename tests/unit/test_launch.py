@@ -157,3 +157,32 @@ def test_launch_refuses_a_broken_recipe(capsys):
     assert command.run(args) == 1
     err = capsys.readouterr().err
     assert "does not divide the 128 routed experts" in err and "FAILED" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["launch", "r.yaml", "--dryrun", "grpo.max_num_steps=3"], ["grpo.max_num_steps=3"]),
+        (
+            ["launch", "r.yaml", "a.b=1", "--nodes", "2", "c=x y", "--dryrun", "d.e-f=2"],
+            ["a.b=1", "c=x y", "d.e-f=2"],
+        ),
+        (["check-recipe", "r.yaml", "--nodes", "2", "policy.lr=1e-6"], ["policy.lr=1e-6"]),
+    ],
+)
+def test_overrides_are_accepted_after_flags(argv, expected):
+    """``pr2 launch R --dryrun grpo.max_num_steps=3``: key=value words after flags are
+    overrides, in command-line order (argparse alone refuses them)."""
+    from megatron_pr2.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert args.overrides == expected and args.recipe == "r.yaml"
+
+
+def test_stray_words_after_flags_are_still_refused(capsys):
+    from megatron_pr2.cli import build_parser
+
+    for stray in ("--bogus=1", "notanoverride"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["launch", "r.yaml", "--dryrun", stray])
+        assert "unrecognized arguments" in capsys.readouterr().err
