@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunLogger", "read_metrics"]
+__all__ = ["RunLogger", "progress_bar", "read_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -40,8 +41,12 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 class RunLogger:
     """JSONL + optional TensorBoard + optional tqdm progress bar for one run.
 
-    ``resume_step``: keep the records of steps ``<= resume_step`` already in the file (a resumed
-    run continues it) and drop later ones (written after the checkpoint the run resumes from).
+    ``resume_step > 0`` (a resumed run): the file is appended to, so the history of the steps
+    ``<= resume_step`` survives byte for byte; records of later steps (written after the
+    checkpoint the run resumes from) and a line cut short by a kill are dropped first.
+    ``resume_step == 0`` (a fresh run): an existing non-empty file belongs to an earlier run in
+    the same ``log_dir``; it is renamed to ``metrics.jsonl.old-N`` (never erased, never mixed
+    with the new run's records) and a line on stderr says so.
     """
 
     def __init__(
@@ -57,15 +62,20 @@ class RunLogger:
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.log_dir / METRICS_FILE
-        kept = []
-        if resume_step > 0 and self.path.is_file():
-            kept = [m for m in read_metrics(self.log_dir) if int(m["step"]) <= resume_step]
-        with self.path.open("w") as out:
-            for record in kept:
-                out.write(json.dumps(record) + "\n")
+        self.moved_aside: Path | None = None
+        if resume_step > 0:
+            _keep_history(self.path, resume_step)
+        elif self.path.is_file() and self.path.stat().st_size > 0:
+            self.moved_aside = _move_aside(self.path)
+            print(
+                f"{self.path}: a fresh run (no checkpoint to resume from) found metrics of an "
+                f"earlier run; moved them to {self.moved_aside.name}",
+                file=sys.stderr,
+                flush=True,
+            )
         self._file = self.path.open("a")
         self._tb = _tensorboard_writer(self.log_dir / "tensorboard") if tensorboard else None
-        self._bar = _progress_bar(total_steps, resume_step) if progress_bar else None
+        self._bar = progress_bar(total_steps, "grpo", resume_step) if progress_bar else None
         self.headline = headline or {}  # progress-bar label -> metric name
 
     def log(self, metrics: dict[str, Any]) -> None:
@@ -108,6 +118,44 @@ class RunLogger:
         self.close()
 
 
+def _step_of(line: str) -> int | None:
+    """The step of one JSONL line, or None for a blank, cut-short or step-less line."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return int(step) if isinstance(step, (int, float)) else None
+
+
+def _keep_history(path: Path, resume_step: int) -> None:
+    """Prepare ``path`` for appending after ``resume_step``: untouched when every line is a
+    record of a step ``<= resume_step``, else rewritten atomically (temporary file + rename, so
+    a kill here leaves the old file) with those records only, in their original bytes."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        step = _step_of(line)
+        if step is not None and step <= resume_step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if kept == lines:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename ``path`` to the first free ``<name>.old-N`` (N = 1, 2, ...) and return it."""
+    number = 1
+    while (target := path.with_name(f"{path.name}.old-{number}")).exists():
+        number += 1
+    os.replace(path, target)
+    return target
+
+
 def _tensorboard_writer(directory: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -119,9 +167,10 @@ def _tensorboard_writer(directory: Path) -> Any:
     return SummaryWriter(log_dir=str(directory))
 
 
-def _progress_bar(total: int, initial: int) -> Any:
+def progress_bar(total: int, desc: str, initial: int = 0) -> Any:
+    """A tqdm bar on stderr, or None without tqdm (callers then print plain lines)."""
     try:
         from tqdm import tqdm
-    except ImportError:  # the plain per-step line is printed instead
+    except ImportError:
         return None
-    return tqdm(total=total, initial=initial, desc="grpo", unit="step", file=sys.stderr)
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", file=sys.stderr)
