@@ -40,6 +40,30 @@ class PreparedRoutes(Mapping[int, list[torch.Tensor]]):
         # The layer tuple of the session that last checked these plans complete (every local
         # layer, one microbatch count): update passes reuse the check instead of redoing it.
         self.checked_for: tuple[int, ...] | None = None
+        self._rows: list[int | None] | None = None
+
+    def microbatch_rows(self) -> list[int | None]:
+        """Route rows of each microbatch (None: live in every layer), the same in every layer:
+        every router of a rank sees the same tokens. Checked once, then cached, so a pass
+        start compares one count per microbatch with the tokens it expects."""
+        if self._rows is None:
+            rows: list[int | None] = []
+            first: dict[int, int] = {}  # microbatch -> first layer with routes
+            for layer, plans in self.plans.items():
+                for mb, plan in enumerate(plans):
+                    if plan is None:
+                        continue
+                    if mb >= len(rows):
+                        rows.extend([None] * (mb + 1 - len(rows)))
+                    if rows[mb] is None:
+                        rows[mb], first[mb] = plan.num_rows, layer
+                    elif plan.num_rows != rows[mb]:
+                        raise ValueError(
+                            f"routes for layer {layer}, microbatch {mb}: {plan.num_rows} rows, "
+                            f"but layer {first[mb]} has {rows[mb]} for the same tokens"
+                        )
+            self._rows = rows
+        return self._rows
 
     def __getitem__(self, layer: int) -> list[torch.Tensor]:
         return [None if p is None else p.indices for p in self.plans[layer]]
@@ -118,6 +142,9 @@ class ReplaySession:
                 "megatron_pr2.patch.with_replay_router"
             )
         self._layers = tuple(sorted(self._routers))
+        self._model_layers = frozenset(self._layers) | _config_moe_layers(
+            next(iter(self._routers.values())).config
+        )
         self._has_predictor = any(s.predictor is not None for s in self._states())
         first = next(iter(self._routers.values()))
         self.topk: int = first.router_replay.topk
@@ -170,23 +197,30 @@ class ReplaySession:
         token_keys: Sequence[torch.Tensor | None] | None = None,
         predictor_loss: bool = False,
         cache_features: bool = False,
+        num_tokens: Sequence[int] | None = None,
     ) -> PlannedPass:
         """Force ``routes`` on every local router for one pass (forward and recompute alike).
 
         ``predictor_loss`` (pr2, mini-steps >= 1): add each router's predictor loss on the cached
         tokens of the batch, through megatron's aux-loss plumbing. ``cache_features`` (pr2_r3's
         old-log-prob pass): start a new feature cache and fill it, as a pr2 recording pass does.
+        ``num_tokens``: the tokens each router sees per microbatch (default: the lengths of
+        ``token_keys``); with either, a wrong row count in any microbatch is refused on entry,
+        before the first forward, instead of when that microbatch's forward reaches a router.
         """
         return PlannedPass(
-            self, RouteAction.REPLAY, routes, token_keys, predictor_loss, cache_features
+            self, RouteAction.REPLAY, routes, token_keys, predictor_loss, cache_features, num_tokens
         )
 
     def observing(
-        self, routes: Routes, token_keys: Sequence[torch.Tensor | None] | None = None
+        self,
+        routes: Routes,
+        token_keys: Sequence[torch.Tensor | None] | None = None,
+        num_tokens: Sequence[int] | None = None,
     ) -> PlannedPass:
         """Route live, and measure each router's live top-k against ``routes`` (the drift that
         mode ``none`` lets through; metrics as for replay, with ``routes`` as the replayed set)."""
-        return PlannedPass(self, RouteAction.OBSERVE, routes, token_keys)
+        return PlannedPass(self, RouteAction.OBSERVE, routes, token_keys, False, False, num_tokens)
 
     def _start_planned_pass(
         self,
@@ -195,6 +229,7 @@ class ReplaySession:
         token_keys: Sequence[torch.Tensor | None] | None,
         predictor_loss: bool = False,
         cache_features: bool = False,
+        num_tokens: Sequence[int] | None = None,
     ) -> None:
         """Give every local router its plan for one pass (a plain call, not a nested context
         manager: replay runs once per pass and its Python cost is part of the step)."""
@@ -204,6 +239,10 @@ class ReplaySession:
             prepared.checked_for = self._layers
         plans = prepared.plans
         keys = self._on_device(token_keys)
+        if num_tokens is None and keys is not None:
+            num_tokens = [len(k) if k is not None else None for k in keys]
+        if num_tokens is not None:
+            self._check_rows(prepared, num_tokens)
         try:
             for layer in self._layers:
                 state = self._routers[layer].router_replay
@@ -225,6 +264,26 @@ class ReplaySession:
         if len(counts) != 1:
             per_layer = {layer: len(plans[layer]) for layer in self._layers}
             raise ValueError(f"routes give different microbatch counts per layer: {per_layer}")
+
+    def _check_rows(self, prepared: PreparedRoutes, num_tokens: Sequence[int | None]) -> None:
+        """Each microbatch's route rows against the tokens its routers will see (one compare
+        per microbatch: rows are the same in every layer, see ``microbatch_rows``)."""
+        rows = prepared.microbatch_rows()
+        count = len(next(iter(prepared.plans.values()), ()))
+        if len(num_tokens) != count:
+            raise ValueError(
+                f"routes for {count} microbatch(es), but the pass has {len(num_tokens)} "
+                "(token keys / num_tokens)"
+            )
+        for mb, (got, expected) in enumerate(zip(rows, num_tokens)):
+            if got is not None and expected is not None and got != expected:
+                layer = next(
+                    layer for layer in self._layers if prepared.plans[layer][mb] is not None
+                )
+                raise ValueError(
+                    f"routes for layer {layer}, microbatch {mb}: expected {expected} tokens "
+                    f"(rows), got {got}"
+                )
 
     def _finish_planned_pass(self) -> None:
         """Every planned microbatch must have run; a pass that filled the feature caches
@@ -258,20 +317,42 @@ class ReplaySession:
         for cache in caches[1:]:
             cache.share_keys_with(caches[0])
 
-    def prepare(self, routes: Routes) -> PreparedRoutes:
+    def prepare(self, routes: Routes, num_tokens: Sequence[int] | None = None) -> PreparedRoutes:
         """Validate external (e.g. rollout-engine) routes once per rollout batch.
 
-        Layers not on this rank are ignored. Raises ``ValueError`` naming layer, microbatch
-        and token for any malformed route (see ``replay.routes``).
+        Layers of the model that are not on this rank (other pipeline stages) are ignored; a key
+        that is no MoE layer of the model is refused, so misnumbered routes never go unused
+        unnoticed. ``num_tokens``: the tokens each router sees per microbatch, when known.
+        Raises ``ValueError`` naming layer, microbatch and token for any malformed route (see
+        ``replay.routes``), and for row counts that differ between layers or from ``num_tokens``.
         """
         if isinstance(routes, PreparedRoutes):
+            if num_tokens is not None:
+                self._check_rows(routes, num_tokens)
             return routes
+        unknown = [key for key in routes if key not in self._model_layers]
+        if unknown:
+            raise ValueError(
+                f"routes for layer key(s) {unknown}: not MoE layers of this model "
+                f"(its MoE layers: {sorted(self._model_layers)}; keys are 1-based layer numbers)"
+            )
         plans = {}
         for layer in self._layers:
             if layer in routes:
                 state, device = self.state(layer), self._routers[layer].weight.device
-                plans[layer] = [state.prepare(r, mb, device) for mb, r in enumerate(routes[layer])]
-        return PreparedRoutes(plans)
+                per_mb = routes[layer]
+                if num_tokens is not None and len(per_mb) != len(num_tokens):
+                    raise ValueError(
+                        f"routes for layer {layer}: {len(per_mb)} microbatch(es), expected "
+                        f"{len(num_tokens)} (num_tokens)"
+                    )
+                plans[layer] = [
+                    state.prepare(r, mb, device, None if num_tokens is None else num_tokens[mb])
+                    for mb, r in enumerate(per_mb)
+                ]
+        prepared = PreparedRoutes(plans)
+        prepared.microbatch_rows()  # rows must agree across layers: refused here, not mid-pass
+        return prepared
 
     def reset(self) -> None:
         """Back to live routing and drop every route held (also after an exception)."""
@@ -363,3 +444,18 @@ class ReplaySession:
             for router in self._routers.values()
             if getattr(router, "evolution_predictor", None) is not None
         ]
+
+
+def _config_moe_layers(config: object) -> frozenset[int]:
+    """Global 1-based MoE layer numbers of the whole model (all pipeline stages), from
+    ``num_layers`` and ``moe_layer_freq`` as megatron's layer specs read them; every decoder
+    layer when the pattern cannot be read."""
+    num_layers = int(config.num_layers)
+    freq = getattr(config, "moe_layer_freq", 1)
+    if isinstance(freq, int) and not isinstance(freq, bool) and freq >= 1:
+        pattern = [i % freq == 0 for i in range(num_layers)]
+    elif isinstance(freq, (list, tuple)) and len(freq) == num_layers:
+        pattern = [bool(p) for p in freq]
+    else:
+        pattern = [True] * num_layers
+    return frozenset(i + 1 for i, moe in enumerate(pattern) if moe)

@@ -69,5 +69,65 @@ def test_first_bad_token_over_every_kind_of_fault(rows, token, fault):
 
 
 def test_a_row_with_several_faults_names_them_all():
-    with pytest.raises(ValueError, match="out of range .* in \\[-1, 9\\]; a row mixes -1"):
+    with pytest.raises(ValueError, match=r"out of range .* in \[-1, 9\]; a row mixes -1"):
         validate_routes(torch.tensor([[-1, 9]]), layer=1, num_experts=8, topk=2)
+
+
+# ------------------------------------------------------------------ whole GPT, session entry
+def _no_grads(chunks) -> bool:
+    return all(p.grad is None for chunk in chunks for p in chunk.parameters())
+
+
+@pytest.mark.parametrize("rows", [31, 0])
+@pytest.mark.parametrize("told_by", ["num_tokens", "token_keys"])
+def test_wrong_row_count_in_a_later_microbatch_is_refused_before_any_forward(world1, rows, told_by):
+    from megatron_pr2.models.gpt import lm_forward_backward
+    from tests.support import replay_harness as h
+
+    built = h.build("ours")
+    tokens = h.SEQ * h.MICRO_BATCH
+    routes = h.random_routes(2)
+    for layer in routes:
+        routes[layer][1] = routes[layer][1][:rows]
+    if told_by == "num_tokens":
+        kwargs = {"num_tokens": [tokens, tokens]}
+    else:
+        kwargs = {"token_keys": [torch.arange(tokens) + (mb << 32) for mb in range(2)]}
+    message = (
+        f"layer 1, microbatch 1: expected {tokens} tokens \\(rows\\), got {rows}"
+        if rows
+        else "layer 1, microbatch 1: no rows"
+    )
+    with pytest.raises(ValueError, match=message):
+        with built.session.replaying(routes, **kwargs):
+            lm_forward_backward(built.chunks, h.make_batches(2))
+    assert _no_grads(built.chunks), "a forward/backward ran before the bad route was refused"
+    assert built.session.routes_held == 0
+
+
+def test_row_count_that_differs_between_layers_is_refused_without_token_counts(world1):
+    from megatron_pr2.models.gpt import lm_forward_backward
+    from tests.support import replay_harness as h
+
+    built = h.build("ours")
+    routes = h.random_routes(2)
+    routes[3][1] = routes[3][1][:31]
+    message = "layer 3, microbatch 1: 31 rows, but layer 1 has 32 for the same tokens"
+    with pytest.raises(ValueError, match=message):
+        with built.session.replaying(routes):
+            lm_forward_backward(built.chunks, h.make_batches(2))
+    assert _no_grads(built.chunks)
+
+
+def test_route_keys_the_model_does_not_have_are_refused(world1):
+    from tests.support import replay_harness as h
+
+    built = h.build("ours", num_layers=2)  # MoE layers 1 and 2
+    with pytest.raises(ValueError, match=r"layer key\(s\) \[3, 4\]: .*MoE layers: \[1, 2\]"):
+        built.session.prepare(h.random_routes(2))
+    routes = h.random_routes(2)
+    zero_based = {layer - 1: routes[layer] for layer in (1, 2)}
+    with pytest.raises(ValueError, match=r"layer key\(s\) \[0\]"):
+        with built.session.replaying(zero_based):
+            pass
+    assert built.session.routes_held == 0
