@@ -292,12 +292,15 @@ class PolicyWorker:
         with self.session.tracing(self.trace_routes) as trace:
             if external:
                 assert routes is not None
-                # The engine routed every micro-batch of the batch; keep this rank's.
+                # The engine routed every micro-batch of the batch; keep this rank's, checked
+                # against the tokens each router will see before any forward runs.
+                all_keys = self._token_keys(batch, local)
                 prepared = self.session.prepare(
-                    {layer: [per_mb[j] for j in local] for layer, per_mb in routes.items()}
+                    {layer: [per_mb[j] for j in local] for layer, per_mb in routes.items()},
+                    num_tokens=[len(k) for k in all_keys],
                 )
                 # pr2_r3: the predictor learns from this pass's router inputs and logits.
-                keys = self._token_keys(batch, local) if self.replay.uses_predictor else None
+                keys = all_keys if self.replay.uses_predictor else None
                 with self.session.replaying(prepared, keys, cache_features=keys is not None):
                     outputs = self._forward_only(microbatches)
                 self._routes = prepared

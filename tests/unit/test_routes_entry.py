@@ -131,3 +131,23 @@ def test_route_keys_the_model_does_not_have_are_refused(world1):
         with built.session.replaying(zero_based):
             pass
     assert built.session.routes_held == 0
+
+
+def test_worker_refuses_a_short_engine_route_before_the_old_logprob_pass(world1):
+    from tests.unit import test_rl_worker as rl
+
+    worker, engine = rl.make("r3")
+    rollout, batch = rl.rollout_batch(engine, seed=2)
+    routes = {layer: list(per_mb) for layer, per_mb in rollout.routes.items()}
+    rows = routes[1][1].shape[0]
+    for per_mb in routes.values():
+        per_mb[1] = per_mb[1][:-1]
+    calls = []
+    hook = worker.modules[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        message = f"layer 1, microbatch 1: expected {rows} tokens \\(rows\\), got {rows - 1}"
+        with pytest.raises(ValueError, match=message):
+            worker.get_logprobs(batch, routes)
+    finally:
+        hook.remove()
+    assert not calls, "a forward ran before the short route was refused"
