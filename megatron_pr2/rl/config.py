@@ -157,13 +157,31 @@ class PolicyConfig:
         return self.sequence_parallel
 
 
+GENERATION_BACKENDS = ("megatron", "vllm")
+
+
 @dataclass
 class GenerationConfig:
     """``generation.*`` (NeMo-RL: ``policy.generation``; top level here, as in the brief)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int | None = None  # None (or vLLM's -1): no top-k cut
     max_new_tokens: int | None = None  # default: the task's longest answer + 1
+    # megatron: the KV-cached engine on the trainer's own megatron layout (rl.kv_engine);
+    # vllm: a vLLM engine (rl.vllm_backend), for GPU clusters.
+    backend: str = "megatron"
+
+    def __post_init__(self) -> None:
+        if self.top_k == -1:
+            self.top_k = None
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"generation.top_k must be >= 1 or -1 (off), got {self.top_k}")
+        if self.backend not in GENERATION_BACKENDS:
+            raise ValueError(
+                f"generation.backend: unknown backend {self.backend!r}; "
+                f"choose one of {', '.join(GENERATION_BACKENDS)}"
+            )
 
 
 @dataclass
