@@ -14,7 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron_pr2.convert.errors import ConversionError
-from megatron_pr2.convert.hf_config import HFModelShape, read_shape
+from megatron_pr2.convert.hf_config import (
+    HFModelShape,
+    HFSettings,
+    check_rope_variant,
+    read_shape,
+)
 
 LAYER = "model.layers.{layer}."
 
@@ -50,7 +55,7 @@ class Architecture:
     experts: ExpertNames
     qk_norm: str | None  # None, "head" (per attention head) or "full" (whole projection)
     always_norm_topk: bool = False  # Mixtral renormalises top-k probabilities unconditionally
-    check: Callable[[dict[str, Any]], None] | None = None
+    check: Callable[[HFSettings], None] | None = None
 
     def attention_names(self) -> dict[str, str]:
         """HF attention tensor names (``{layer}`` template) for this row."""
@@ -96,22 +101,23 @@ class Architecture:
         return kwargs
 
 
-def _check_common(config: dict[str, Any]) -> None:
-    if config.get("hidden_act", "silu") != "silu":
-        raise ConversionError(
-            f"config.json: hidden_act={config['hidden_act']!r} is not supported (silu only)"
-        )
-    if config.get("attention_bias"):
+def _check_common(settings: HFSettings) -> None:
+    """Refuse variants the GPT layer spec built here does not compute (file value, else
+    transformers' default for the model_type)."""
+    act = settings.value("hidden_act")
+    if act != "silu":
+        raise ConversionError(f"config.json: hidden_act={act!r} is not supported (silu only)")
+    if settings.value("attention_bias", fallback=False):
         raise ConversionError("config.json: attention_bias=true is not supported")
-    if config.get("use_sliding_window") or (
-        config.get("sliding_window") is not None and config.get("use_sliding_window", True)
-    ):
+    use_window = settings.value("use_sliding_window", fallback=None)
+    window = settings.value("sliding_window", fallback=None)
+    if use_window or (window is not None and use_window is not False):
         raise ConversionError("config.json: sliding_window attention is not supported")
 
 
-def _check_olmoe(config: dict[str, Any]) -> None:
-    _check_common(config)
-    if config.get("clip_qkv") is not None:
+def _check_olmoe(settings: HFSettings) -> None:
+    _check_common(settings)
+    if settings.value("clip_qkv", fallback=None) is not None:
         raise ConversionError("config.json: clip_qkv is not supported (OLMoE)")
 
 
@@ -174,12 +180,28 @@ HF_DENSE_MLP = {
 }
 
 
+#: HF model types built on multi-head latent attention (any config with ``kv_lora_rank`` is too).
+MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+
+
+def _uses_mla(config: dict[str, Any]) -> bool:
+    return config.get("model_type") in MLA_MODEL_TYPES or config.get("kv_lora_rank") is not None
+
+
 def architecture_for(config: dict[str, Any]) -> Architecture:
     """The table row for ``config['model_type']``; a clear error for anything else."""
     model_type = config.get("model_type")
     for arch in ARCHITECTURES:
         if model_type in arch.model_types:
             return arch
+    if _uses_mla(config):
+        raise ConversionError(
+            f"config.json: model_type={model_type!r} uses multi-head latent attention (MLA), "
+            "which is not supported: the converter maps standard attention (q_proj, k_proj, "
+            "v_proj) onto the megatron GPT layer spec it builds, and MLA's low-rank compressed "
+            "key/value projections (kv_a_proj_with_mqa, kv_b_proj; kv_lora_rank) have no "
+            "counterpart in that spec"
+        )
     known = ", ".join(t for a in ARCHITECTURES for t in a.model_types)
     raise ConversionError(
         f"config.json: unknown architecture model_type={model_type!r} (supported: {known})"
@@ -189,6 +211,8 @@ def architecture_for(config: dict[str, Any]) -> Architecture:
 def resolve(config: dict[str, Any]) -> tuple[Architecture, HFModelShape]:
     """Validate ``config`` against its table row and return (row, normalised shape)."""
     arch = architecture_for(config)
+    check_rope_variant(config)
+    settings = HFSettings(config)
     if arch.check is not None:
-        arch.check(config)
-    return arch, read_shape(config)
+        arch.check(settings)
+    return arch, read_shape(settings)
