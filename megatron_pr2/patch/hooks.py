@@ -10,7 +10,10 @@ The hook does nothing until it is enabled, in code with :func:`enable_router_hoo
 :func:`router_hook` context manager, or for a whole process with
 ``MEGATRON_PR2_ROUTER_REPLAY=<mode>`` (``r2``, ``r3``, ``pr2``; ``none`` = off). Code wins over
 the environment. When enabled, every stock ``TopKRouter`` is built as a ``ReplayTopKRouter``, as
-``with_replay_router`` would have put it into the spec. Unpatched megatron never calls this module.
+``with_replay_router`` would have put it into the spec. Unpatched megatron never calls this module,
+so enabling the hook there would silently build stock routers: ``enable_router_hook`` /
+``router_hook`` raise instead, and the environment variable warns (once, when this module is
+imported), naming the missing patch.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +30,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_pr2.config import ReplayMode, RouterReplayConfig
 from megatron_pr2.patch.router import ReplayTopKRouter
+from megatron_pr2.patch.version import megatron_core_version
 
 #: Environment variable that enables the hook for a whole process (value: a replay mode).
 ENV_VAR = "MEGATRON_PR2_ROUTER_REPLAY"
@@ -42,11 +47,54 @@ class RouterHookSetting:
 _registered: RouterHookSetting | None = None
 
 
+def megatron_is_patched() -> bool:
+    """Whether the imported megatron-core carries ``patches/`` (its ``MoELayer`` module then
+    defines the ``_build_router`` helper that calls :func:`build_router`)."""
+    from megatron.core.transformer.moe import moe_layer
+
+    helper = getattr(moe_layer, "_build_router", None)
+    return callable(helper) and "_build_router" in moe_layer.MoELayer.__init__.__code__.co_names
+
+
+def missing_patch_message(how: str) -> str:
+    """Why the hook cannot work here, and the patch that would make it work."""
+    from megatron.core.transformer.moe import moe_layer
+
+    version = megatron_core_version()
+    return (
+        f"megatron-pr2 router hook enabled ({how}), but the imported megatron-core {version} "
+        f"({moe_layer.__file__}) does not carry patches/megatron-core-{version}/"
+        "0001-moe-layer-router-hook.patch, so its MoE layers would build stock routers and "
+        "nothing would be replayed. Apply the patch (patches/README.md), or pass the layer spec "
+        "through megatron_pr2.patch.with_replay_router instead."
+    )
+
+
+def _require_patched_megatron() -> None:
+    if not megatron_is_patched():
+        raise RuntimeError(missing_patch_message("enable_router_hook / router_hook"))
+
+
+def _warn_if_env_enables_unpatched() -> None:
+    """Import-time check of ``MEGATRON_PR2_ROUTER_REPLAY`` (no code path runs on unpatched
+    megatron later, so this is the one place it can be noticed)."""
+    value = os.environ.get(ENV_VAR, "").strip()
+    try:
+        enabled = bool(value) and RouterReplayConfig(mode=ReplayMode.parse(value)).enabled
+    except ValueError:
+        return  # a bad value is reported when the patched MoELayer reads it
+    if enabled and not megatron_is_patched():
+        warnings.warn(missing_patch_message(f"{ENV_VAR}={value}"), RuntimeWarning, stacklevel=2)
+
+
 def enable_router_hook(
     replay_config: RouterReplayConfig, router_cls: type = ReplayTopKRouter
 ) -> None:
-    """Build every MoE router created from now on as ``router_cls`` (patched megatron only)."""
+    """Build every MoE router created from now on as ``router_cls`` (patched megatron only:
+    raises ``RuntimeError`` naming the missing patch otherwise)."""
     global _registered
+    if replay_config.enabled:
+        _require_patched_megatron()
     if not (isinstance(router_cls, type) and issubclass(router_cls, ReplayTopKRouter)):
         raise TypeError(f"router_cls must subclass ReplayTopKRouter, got {router_cls!r}")
     _registered = RouterHookSetting(replay_config, router_cls)
@@ -118,3 +166,6 @@ def router_builder_for(builder: Callable[..., Any], is_mtp_layer: bool = False) 
 def build_router(builder: Callable[..., Any], **kwargs: Any) -> Any:
     """Called by the patched ``MoELayer.__init__`` in place of ``builder(**kwargs)``."""
     return router_builder_for(builder, bool(kwargs.get("is_mtp_layer", False)))(**kwargs)
+
+
+_warn_if_env_enables_unpatched()

@@ -2,9 +2,10 @@
 
 megatron-core's ``topk_routing_with_score_function`` asks ``router.router_replay`` for every
 top-k it takes (the native ``RouterReplay`` hook). The subclass installs a
-:class:`~megatron_pr2.replay.state.RouterReplayState` there instead of the native object, so
-megatron's own score/gate math runs unchanged on the replayed expert set. No megatron source is
-edited at run time.
+:class:`~megatron_pr2.patch.native.CompatRouterReplay` there instead of the native object: a
+:class:`~megatron_pr2.replay.state.RouterReplayState` (driven by ``ReplaySession``) that is also a
+megatron ``RouterReplay`` (driven by megatron's static API), so megatron's own score/gate math
+runs unchanged on the replayed expert set. No megatron source is edited at run time.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from megatron.core.transformer.moe.router_replay import RouterReplay
 from megatron_pr2.config import RouterReplayConfig
 from megatron_pr2.patch.compat import apply_compat_fixes
 from megatron_pr2.patch.guards import check_replay_compatible
+from megatron_pr2.patch.native import CompatRouterReplay
 from megatron_pr2.patch.version import check_megatron_core_version
 from megatron_pr2.predictor.module import EvolutionPredictor
 from megatron_pr2.predictor.state import PredictorState
@@ -67,11 +69,13 @@ class ReplayTopKRouter(TopKRouter):
             RouterReplay.global_router_replay_instances[:] = [
                 r for r in RouterReplay.global_router_replay_instances if r is not native
             ]
-        self.router_replay = RouterReplayState(
+        # Our state, also a megatron RouterReplay: native API callers drive the same object.
+        self.router_replay = CompatRouterReplay(
             num_experts=config.num_moe_experts,
             topk=config.moe_router_topk,
             collect_metrics=self.replay_config.collect_metrics,
             metrics_token_stride=self.replay_config.metrics_token_stride,
+            device_of=self.weight,
         )
         # Softmax after top-k, no expert groups: megatron's routing takes ``torch.topk`` of the
         # raw logits (moe_utils.topk_routing_with_score_function), so the predicted route can

@@ -181,7 +181,14 @@ class RouterReplayState:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         action = self.action
         if action is RouteAction.LIVE:
-            return default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)
+            # A caller of megatron's API may clear the action between a replayed forward and its
+            # backward: the recompute still takes that forward's route. (Under the session the
+            # queue is always empty here: one check.)
+            if not (self._recompute_queue and in_backward_recompute()):
+                return default_compute_topk(
+                    scores, topk, num_groups=num_groups, group_topk=group_topk
+                )
+            return self._recompute(scores)
         if in_backward_recompute():
             return self._recompute(scores)
         live_topk = functools.partial(
@@ -196,7 +203,8 @@ class RouterReplayState:
             return scores.gather(1, indices), indices
 
         if action is RouteAction.RECORD:
-            microbatch = len(self.recorded)
+            microbatch = self._cursor  # == len(self.recorded) in a session pass; megatron's
+            self._cursor += 1  # API may drop records (clear_indices) mid-pass and keep counting
             live: torch.Tensor | None = None
             if self._staged_indices is not None:  # pr2: the predicted set, unbiased gate weights
                 indices, self._staged_indices = self._staged_indices, None
@@ -243,7 +251,7 @@ class RouterReplayState:
         """Microbatch index of the router call now running (before its top-k is taken)."""
         if in_backward_recompute() and self._recompute_microbatches:
             return self._recompute_microbatches[0]
-        return len(self.recorded) if self.action is RouteAction.RECORD else self._cursor
+        return self._cursor  # RECORD, REPLAY and OBSERVE all count forwards with the cursor
 
     def microbatch_keys(
         self, microbatch: int, num_tokens: int, device: torch.device

@@ -12,8 +12,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
 import shutil
 import subprocess
+import sys
+import warnings
 
 import pytest
 from packaging.version import Version
@@ -102,7 +105,10 @@ class _CustomRouter:
 
 @pytest.fixture
 def hook_off(monkeypatch):
+    """Hook off, and the installed (pristine) megatron-core taken for a patched one, so the
+    hook's own logic can be tested here; the unpatched refusal has its own tests below."""
     monkeypatch.delenv(hooks.ENV_VAR, raising=False)
+    monkeypatch.setattr(hooks, "megatron_is_patched", lambda: True)
     hooks.disable_router_hook()
     yield
     hooks.disable_router_hook()
@@ -160,6 +166,67 @@ def test_build_router_passes_every_keyword_to_the_builder(hook_off):
         "router"
     )
     assert seen == {"config": "c", "pg_collection": None, "is_mtp_layer": True}
+
+
+# ------------------------------------------------------------------ unpatched megatron
+def test_installed_megatron_core_is_not_patched():
+    """What the refusal tests below rely on (the patched copy is only ever imported by the
+    subprocess of test_patched_megatron_core_passes_the_replay_checks)."""
+    assert hooks.megatron_is_patched() is False
+
+
+@pytest.mark.parametrize("enable", ["router_hook", "enable_router_hook"])
+def test_enabling_the_hook_on_unpatched_megatron_names_the_missing_patch(enable, monkeypatch):
+    monkeypatch.delenv(hooks.ENV_VAR, raising=False)
+    hooks.disable_router_hook()
+    version = megatron_core_version()
+    message = rf"patches/megatron-core-{version}/0001-moe-layer-router-hook\.patch"
+    with pytest.raises(RuntimeError, match=message):
+        if enable == "router_hook":
+            with hooks.router_hook(RouterReplayConfig(mode="r2")):
+                pass
+        else:
+            hooks.enable_router_hook(RouterReplayConfig(mode="pr2"))
+    assert hooks.active_setting() is None  # nothing was registered
+    with hooks.router_hook(RouterReplayConfig(mode="none")):  # "off" needs no patch
+        assert hooks.active_setting() is None
+
+
+def test_environment_variable_on_unpatched_megatron_warns_naming_the_patch(monkeypatch):
+    monkeypatch.setenv(hooks.ENV_VAR, "r3")
+    with pytest.warns(RuntimeWarning, match=rf"{hooks.ENV_VAR}=r3.*0001-moe-layer-router-hook"):
+        hooks._warn_if_env_enables_unpatched()
+    for quiet in ("none", "off", "", "r5"):  # off, unset, or reported where it is read
+        monkeypatch.setenv(hooks.ENV_VAR, quiet)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            hooks._warn_if_env_enables_unpatched()
+
+
+def test_environment_variable_warning_comes_once_at_import(tmp_path):
+    """In a fresh interpreter: importing megatron_pr2.patch.hooks with the variable set warns
+    once (a process imports the module once), before any model is built."""
+    probe = (
+        "import warnings, tests\n"
+        "warnings.simplefilter('always')\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    import megatron_pr2.patch.hooks\n"
+        "    import megatron_pr2.patch.hooks\n"
+        "hits = [w for w in seen if '0001-moe-layer-router-hook' in str(w.message)]\n"
+        "print('HITS', len(hits))\n"
+    )
+    env = {**os.environ, hooks.ENV_VAR: "pr2", "PYTHONPATH": str(pc.REPO_ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=pc.REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "HITS 1" in done.stdout, done.stdout + done.stderr[-3000:]
 
 
 # ------------------------------------------------------------------ canaries for patch point 3

@@ -175,12 +175,16 @@ def test_surplus_forward_is_an_error(world1):
         router(torch.randn(S, B, H))
 
 
-def test_native_replay_instance_is_unhooked(world1):
+def test_native_replay_instance_is_replaced_by_ours(world1):
+    """moe_enable_routing_replay=True also builds megatron's own instance: it is unhooked, and
+    the only registered instance is ours (a RouterReplay that is our replay state)."""
     from megatron.core.transformer.moe.router_replay import RouterReplay
 
+    from megatron_pr2.patch.native import CompatRouterReplay
+
     router = make_router(moe_enable_routing_replay=True)
-    assert RouterReplay.global_router_replay_instances == []
-    assert router.router_replay.__class__.__name__ == "RouterReplayState"
+    assert RouterReplay.global_router_replay_instances == [router.router_replay]
+    assert type(router.router_replay) is CompatRouterReplay
 
 
 # ---------------------------------------------------------------- what side losses see

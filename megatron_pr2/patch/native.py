@@ -1,0 +1,286 @@
+"""Patch point 1b: megatron-core's own ``RouterReplay`` API, served by our replay state.
+
+Code written against megatron's native replay (``RouterReplay.set_replay_data``,
+``set_global_router_replay_action``, ``get_recorded_data``, ...) runs unchanged on
+``ReplayTopKRouter``: its ``router.router_replay`` is a :class:`CompatRouterReplay`, which is both
+a megatron ``RouterReplay`` (registered in ``RouterReplay.global_router_replay_instances``) and a
+:class:`~megatron_pr2.replay.state.RouterReplayState` (what ``ReplaySession`` drives). One object,
+two drivers; megatron's documented behaviour, with these fixes:
+
+* **Recompute.** An activation recompute (it runs inside autograd's backward) takes the route of
+  the original forward of the same microbatch from a FIFO, whatever the action is then. Native
+  ``REPLAY_FORWARD`` uses the last target set (wrong under pipeline schedules); native
+  ``REPLAY_BACKWARD`` is right only if the caller switches to it before every backward, for
+  which megatron has no hook. Switching to ``REPLAY_BACKWARD`` here changes nothing: the same
+  FIFO serves it, so the result is the same.
+* **Routes are checked** when set (``set_target_indices`` / ``set_replay_data``): dtype, shape,
+  expert range, duplicates, naming the layer and token (``replay.routes``); all ``-1`` rows fall
+  back to the live router; a row count that differs from the router's tokens is refused.
+* **Metrics**: the replay counters are kept as under the session; read them with
+  ``ReplaySession(model_chunks).metrics()``.
+* **PR2**: with ``mode="pr2"``, ``RECORD`` records the predicted top-k (top-k of logits plus the
+  predictor's offset) and ``get_recorded_data()`` returns it. A framework that runs the update
+  mini-steps itself makes two calls per mini-step: :meth:`CompatRouterReplay.start_pr2_mini_step`
+  before it, and ``predictor_frozen_unless(optimizer, active=mini_step >= 1)`` around its
+  ``optimizer.step()`` (see ``megatron_pr2.predictor.optim``).
+* **No leak**: megatron's instance list is class-level and only grows; ours are registered as
+  weak proxies, and dead ones are pruned whenever a new router registers.
+
+Action changes never drop routes a pending backward still needs (a caller may switch actions per
+microbatch). Entering ``RECORD`` or ``REPLAY_*`` from another action starts a new pass: the FIFO of
+the previous pass (e.g. a forward-only log-prob pass, never recomputed) is dropped, and entering
+``RECORD`` starts a new PR2 feature cache. As megatron asks, call
+``RouterReplay.clear_global_indices()`` after every step.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from typing import Any
+
+import torch
+from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
+
+from megatron_pr2.replay.state import PlannedRoute, RouteAction, RouterReplayState
+
+#: The native action a session-driven action reads as.
+_NATIVE_VIEW: dict[RouteAction, RouterReplayAction | None] = {
+    RouteAction.LIVE: None,
+    RouteAction.RECORD: RouterReplayAction.RECORD,
+    RouteAction.REPLAY: RouterReplayAction.REPLAY_FORWARD,
+    RouteAction.OBSERVE: None,
+}
+
+
+class _TargetPlan:
+    """The plan a natively driven ``REPLAY`` pass reads in place of a session's list: every
+    forward takes the target set last (megatron's ``REPLAY_FORWARD`` contract), and there is no
+    surplus-forward limit, so the state's replay path runs unchanged."""
+
+    __slots__ = ("layer_number", "route")
+
+    def __init__(self) -> None:
+        self.route: PlannedRoute | None = None
+        self.layer_number: int | None = None
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def __getitem__(self, microbatch: int) -> PlannedRoute:
+        if self.route is None:
+            raise RuntimeError(
+                f"layer {self.layer_number}: REPLAY_FORWARD without a target; call "
+                "RouterReplay.set_replay_data([...]) or set_target_indices(...) before the forward"
+            )
+        return self.route
+
+
+class CompatRouterReplay(RouterReplayState, RouterReplay):
+    """A megatron ``RouterReplay`` whose state is a ``RouterReplayState`` (see the module doc)."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        topk: int,
+        collect_metrics: bool = True,
+        metrics_token_stride: int = 1,
+        device_of: torch.Tensor | None = None,
+    ) -> None:
+        """``device_of``: a tensor (the router weight) whose device targets are moved to once,
+        when set, instead of on every forward as megatron does."""
+        self._targets = _TargetPlan()
+        self._native: tuple[RouteAction, RouterReplayAction | None] = (RouteAction.LIVE, None)
+        self._device_of = device_of
+        RouterReplayState.__init__(self, num_experts, topk, collect_metrics, metrics_token_stride)
+        # megatron's own constructor sets its per-version fields (0.19: static_buffer,
+        # layer_number) through the properties below, and appends a strong reference.
+        RouterReplay.__init__(self)
+        self.layer_number = None
+        _register_weakly(self)
+
+    # ------------------------------------------------------------------ native fields
+    @property
+    def target_topk_idx(self) -> torch.Tensor | None:
+        route = self._targets.route
+        return None if route is None else route.indices
+
+    @target_topk_idx.setter
+    def target_topk_idx(self, indices: torch.Tensor | None) -> None:
+        self._set_target(indices)
+
+    @property
+    def recorded_topk_idx(self) -> torch.Tensor | None:
+        return self.recorded[-1] if self.recorded else None
+
+    @recorded_topk_idx.setter
+    def recorded_topk_idx(self, indices: torch.Tensor | None) -> None:
+        if indices is None:
+            self.recorded = []
+        else:
+            self.recorded.append(indices)
+
+    @property
+    def router_replay_action(self) -> RouterReplayAction | None:
+        internal, native = self._native
+        return native if internal is self.action else _NATIVE_VIEW[self.action]
+
+    @router_replay_action.setter
+    def router_replay_action(self, action: RouterReplayAction | None) -> None:
+        self.set_router_replay_action(action)
+
+    @property
+    def replay_backward_list(self) -> list[torch.Tensor]:
+        """Routes pending a recompute, oldest first (a copy; megatron's list of every target
+        set, which grows without recompute, is replaced by the FIFO of forwards run)."""
+        return list(self._recompute_queue)
+
+    @replay_backward_list.setter
+    def replay_backward_list(self, routes: list[torch.Tensor]) -> None:
+        if routes:
+            raise ValueError("the recompute queue is filled by forwards, not assigned")
+        self._recompute_queue.clear()
+        self._recompute_microbatches.clear()
+
+    @property
+    def layer_number(self) -> int | None:
+        return self._targets.layer_number
+
+    @layer_number.setter
+    def layer_number(self, layer_number: int | None) -> None:
+        self._targets.layer_number = layer_number
+
+    @property
+    def routes_held(self) -> int:
+        if self._plan is not self._targets:
+            return super().routes_held
+        target = 0 if self._targets.route is None else 1
+        return target + len(self.recorded) + len(self._recompute_queue)
+
+    # ------------------------------------------------------------------ native methods
+    def set_target_indices(self, topk_indices: torch.Tensor) -> None:
+        """The route of the next forward(s), validated now (megatron also queues it for
+        ``REPLAY_BACKWARD``; here the forward that uses it queues it for its recompute)."""
+        self._set_target(topk_indices)
+
+    def get_recorded_indices(self) -> torch.Tensor | None:
+        """The top-k of the last recorded forward (pr2: the predicted top-k)."""
+        indices = self.recorded[-1] if self.recorded else None
+        buffer = getattr(self, "static_buffer", None)  # megatron >= 0.19 (CUDA graphs)
+        if indices is None or buffer is None:
+            return indices
+        buffer[: indices.shape[0]].copy_(indices)
+        return buffer[: indices.shape[0]]
+
+    def record_indices(self, topk_indices: torch.Tensor) -> None:
+        self.recorded.append(topk_indices)
+
+    def clear_indices(self) -> None:
+        """Drop targets, records and the recompute FIFO; keep the action (as megatron does) and
+        the PR2 mini-step setting."""
+        self._targets.route = None
+        self.recorded = []
+        self._recompute_queue.clear()
+        self._recompute_microbatches.clear()
+        self._staged_indices = None
+        self._pending_loss = None
+
+    def set_router_replay_action(self, router_replay_action: RouterReplayAction | None) -> None:
+        action = router_replay_action
+        if action is None:
+            internal = RouteAction.LIVE
+        elif action is RouterReplayAction.RECORD:
+            internal = RouteAction.RECORD
+        elif action is RouterReplayAction.REPLAY_FORWARD:
+            internal = RouteAction.REPLAY
+        elif action is RouterReplayAction.REPLAY_BACKWARD:
+            # A recompute reads the FIFO under any action; outside a backward, keep doing what
+            # the pass does (megatron documents REPLAY_BACKWARD for the recompute only).
+            current = self.action
+            recording_or_replaying = current in (RouteAction.RECORD, RouteAction.REPLAY)
+            internal = current if recording_or_replaying else RouteAction.REPLAY
+        else:
+            raise ValueError(f"layer {self.layer_number}: unknown router replay action {action!r}")
+        if internal is not self.action or (
+            internal is RouteAction.REPLAY and self._plan is not self._targets
+        ):
+            self._enter(internal)
+        self._native = (internal, action)
+
+    def clear_router_replay_action(self) -> None:
+        self.set_router_replay_action(None)
+
+    # ------------------------------------------------------------------ PR2 mini-steps
+    def start_mini_step(self, mini_step: int, first_microbatch: int) -> None:
+        """This router's part of :meth:`start_pr2_mini_step`."""
+        if mini_step < 0 or first_microbatch < 0:
+            raise ValueError(
+                f"mini_step ({mini_step}) and first_microbatch ({first_microbatch}) must be >= 0"
+            )
+        self._cursor = first_microbatch
+        if self.predictor is not None:
+            self.predictor.compute_loss = mini_step >= 1
+
+    @staticmethod
+    def start_pr2_mini_step(mini_step: int, first_microbatch: int) -> None:
+        """Call before each update mini-step a framework runs with the native API (pr2 mode).
+
+        Mini-step 0 runs near on-policy, so the predictor loss is off; from mini-step 1 each
+        router adds its predictor loss (on the tokens cached by the ``RECORD`` pass) through
+        megatron's aux-loss plumbing. ``first_microbatch``: the index, in the ``RECORD`` pass's
+        order, of this mini-step's first microbatch; the mini-step's microbatches must be the
+        recorded ones from there on, in order, with the same micro-batch size (tokens are paired
+        with their cached features by (microbatch, row)). Pair it with
+        ``predictor_frozen_unless(optimizer, active=mini_step >= 1)`` around the step.
+        """
+        for router in RouterReplay.global_router_replay_instances:
+            if isinstance(router, CompatRouterReplay):
+                router.start_mini_step(mini_step, first_microbatch)
+
+    # ------------------------------------------------------------------ internals
+    def _enter(self, internal: RouteAction) -> None:
+        """Start a natively driven pass of ``internal`` (never drops routes on LIVE: a pending
+        recompute may still need them)."""
+        if internal is RouteAction.LIVE:
+            self.action = internal
+            return
+        self._recompute_queue.clear()
+        self._recompute_microbatches.clear()
+        self._staged_indices = None
+        self._pending_loss = None
+        if internal is RouteAction.RECORD:
+            self._plan = ()
+            self._cursor = 0
+            if self.predictor is not None:
+                self.predictor.start_recording()
+                self.predictor.compute_loss = False
+        else:
+            self._plan = self._targets
+        if self.predictor is not None:
+            self.predictor.cache_features = False
+        self.action = internal
+
+    def _set_target(self, indices: torch.Tensor | None) -> None:
+        if indices is None:
+            self._targets.route = None
+            return
+        device = None if self._device_of is None else self._device_of.device
+        self._targets.route = self.prepare(indices, self._cursor, device)
+
+
+def _alive(router: Any) -> bool:
+    try:
+        router.__class__  # noqa: B018 (a dead weak proxy raises on any attribute access)
+    except ReferenceError:
+        return False
+    return True
+
+
+def _register_weakly(router: CompatRouterReplay) -> None:
+    """Swap megatron's strong reference to ``router`` for a weak proxy, keeping construction
+    order, and prune proxies whose router is gone (megatron's list would keep every model ever
+    built alive)."""
+    instances = RouterReplay.global_router_replay_instances
+    instances[:] = [
+        weakref.proxy(r) if r is router else r for r in instances if r is router or _alive(r)
+    ]
