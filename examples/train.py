@@ -26,6 +26,20 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
     sys.path.insert(0, REPO_ROOT)
+    from megatron_pr2.errors import USER_ERROR_EXIT_CODE, UserError, format_user_error
+
+    try:
+        run(args.config, args.overrides)
+    except UserError as err:  # a config or path mistake: one line, no traceback
+        print(format_user_error(os.path.basename(__file__), err), file=sys.stderr)
+        raise SystemExit(USER_ERROR_EXIT_CODE) from None
+
+
+def run(config_path: str, overrides: list[str]) -> None:
+    """Load the config (bad keys fail before any process group exists), then train."""
+    from megatron_pr2.rl.config import load_config
+
+    config = load_config(config_path, overrides)
     if torch.cuda.is_available():
         from megatron_pr2.commands.train import init_distributed_cuda
 
@@ -38,10 +52,9 @@ def main() -> None:
             init_process(rank, world, int(os.environ["MASTER_PORT"]))
         else:  # a world-1 run picks its own free port
             init_process(0, 1, free_port())
-    from megatron_pr2.rl.config import load_config
     from megatron_pr2.rl.trainer import train
 
-    train(load_config(args.config, args.overrides))
+    train(config)
 
 
 if __name__ == "__main__":

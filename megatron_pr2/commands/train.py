@@ -35,14 +35,14 @@ def init_distributed_cuda() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megatron_pr2.rl.config import load_config
+
+    config = load_config(args.config, args.overrides)  # a bad key is a ConfigError, before init
     import torch
 
     if not torch.cuda.is_available():
         print(CPU_HINT, file=sys.stderr)
         return 2
-    from megatron_pr2.rl.config import load_config
-
-    config = load_config(args.config, args.overrides)  # fail on bad keys before init
     init_distributed_cuda()
     from megatron_pr2.rl.trainer import train as run_train
 

@@ -10,24 +10,37 @@
   canaries are in ``tests/unit/test_patches.py``).
 
 Each patch point has a canary in ``tests/unit/test_patch_points.py``.
+
+Imports are lazy (PEP 562): ``import megatron_pr2.patch.version`` or ``pr2 info`` must not
+import megatron-core (seconds, and its warnings) just to read a version number.
 """
 
-from megatron_pr2.patch.compat import apply_compat_fixes
-from megatron_pr2.patch.guards import check_replay_compatible
-from megatron_pr2.patch.hooks import disable_router_hook, enable_router_hook, router_hook
-from megatron_pr2.patch.router import ReplayTopKRouter
-from megatron_pr2.patch.spec import replay_router_builder, with_replay_router
-from megatron_pr2.patch.version import check_megatron_core_version, megatron_core_version
+from __future__ import annotations
 
-__all__ = [
-    "ReplayTopKRouter",
-    "apply_compat_fixes",
-    "check_megatron_core_version",
-    "check_replay_compatible",
-    "disable_router_hook",
-    "enable_router_hook",
-    "megatron_core_version",
-    "replay_router_builder",
-    "router_hook",
-    "with_replay_router",
-]
+import importlib
+from typing import Any
+
+#: Public name -> the submodule that defines it.
+_EXPORTS = {
+    "ReplayTopKRouter": "megatron_pr2.patch.router",
+    "apply_compat_fixes": "megatron_pr2.patch.compat",
+    "check_megatron_core_version": "megatron_pr2.patch.version",
+    "check_replay_compatible": "megatron_pr2.patch.guards",
+    "disable_router_hook": "megatron_pr2.patch.hooks",
+    "enable_router_hook": "megatron_pr2.patch.hooks",
+    "megatron_core_version": "megatron_pr2.patch.version",
+    "replay_router_builder": "megatron_pr2.patch.spec",
+    "router_hook": "megatron_pr2.patch.hooks",
+    "with_replay_router": "megatron_pr2.patch.spec",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:  # also lets ``from megatron_pr2.patch import hooks`` import the module
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from megatron_pr2.config import PredictorConfig, RouterReplayConfig
+from megatron_pr2.errors import ConfigError
 from megatron_pr2.rl.loss import ClippedPGLossConfig
 from megatron_pr2.rl.task import TaskConfig
 
@@ -86,7 +87,7 @@ class RouterReplaySection:
         if self.mode in ("disabled", "off", "false"):
             self.mode = "none"
         if self.mode not in TRAINER_MODES:
-            raise ValueError(
+            raise ConfigError(
                 f"policy.router_replay.mode: unknown mode {self.mode!r}; "
                 f"choose one of {', '.join(TRAINER_MODES)}"
             )
@@ -143,12 +144,12 @@ class PolicyConfig:
 
     def __post_init__(self) -> None:
         if self.context_parallel_size != 1:
-            raise ValueError(
+            raise ConfigError(
                 "policy.context_parallel_size > 1 is not supported by the RL loop yet (the test "
                 "rollout engine has no CP); replay itself handles CP (routes.layout)"
             )
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
-            raise ValueError("policy.sequence_parallel needs tensor_model_parallel_size > 1")
+            raise ConfigError("policy.sequence_parallel needs tensor_model_parallel_size > 1")
 
     @property
     def uses_sequence_parallel(self) -> bool:
@@ -208,9 +209,9 @@ class CheckpointingConfig:
 
     def __post_init__(self) -> None:
         if self.save_period < 1:
-            raise ValueError(f"checkpointing.save_period must be >= 1, got {self.save_period}")
+            raise ConfigError(f"checkpointing.save_period must be >= 1, got {self.save_period}")
         if self.keep_top_k is not None and self.keep_top_k < 1:
-            raise ValueError(f"checkpointing.keep_top_k must be >= 1, got {self.keep_top_k}")
+            raise ConfigError(f"checkpointing.keep_top_k must be >= 1, got {self.keep_top_k}")
 
 
 @dataclass
@@ -230,22 +231,22 @@ class MasterConfig:
         g = self.grpo
         batch = g.num_prompts_per_step * g.num_generations_per_prompt
         if batch < 1 or g.num_generations_per_prompt < 1:
-            raise ValueError(
+            raise ConfigError(
                 "grpo.num_prompts_per_step and num_generations_per_prompt must be >= 1"
             )
         if g.off_policy_steps < 1 or batch % g.off_policy_steps:
-            raise ValueError(
+            raise ConfigError(
                 f"grpo.off_policy_steps={g.off_policy_steps} must divide the rollout batch "
                 f"({batch} samples)"
             )
         mbs = self.policy.micro_batch_size
         if mbs < 1 or (batch // g.off_policy_steps) % mbs:
-            raise ValueError(
+            raise ConfigError(
                 f"policy.micro_batch_size={mbs} must divide the mini-batch "
                 f"({batch // g.off_policy_steps} samples)"
             )
         if g.sft_warmup_steps > 0 and g.sft_batch_size % mbs:
-            raise ValueError(f"grpo.sft_batch_size must be a multiple of micro_batch_size={mbs}")
+            raise ConfigError(f"grpo.sft_batch_size must be a multiple of micro_batch_size={mbs}")
         # Data parallelism (the world size minus model parallelism) is only known at run time:
         # the worker checks that micro-batches share evenly over DP ranks.
 
@@ -273,27 +274,27 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return value
     if hint is float or (float in args and type(None) in args):
         if isinstance(value, bool):
-            raise ValueError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"{key}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
     if (hint is int or (int in args and type(None) in args)) and isinstance(value, float):
         if value.is_integer():
             return int(value)
-        raise ValueError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
     return value
 
 
 def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
     if not isinstance(values, Mapping):
-        raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         if key not in names:
-            raise ValueError(f"unknown config key '{prefix}{key}'")
+            raise ConfigError(f"unknown config key '{prefix}{key}'")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value or {}, f"{prefix}{key}.")
@@ -301,11 +302,19 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
             kwargs[key] = dict(value or {})
         else:
             kwargs[key] = _coerce(value, hint, f"{prefix}{key}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as err:  # a section's own check (task, loss, predictor): name the section
+        where = prefix.rstrip(".")
+        message = str(err) if not where or str(err).startswith(where) else f"{where}: {err}"
+        raise ConfigError(message) from err
 
 
 def config_from_dict(values: Mapping[str, Any]) -> MasterConfig:
-    """Typed config from a nested mapping; unknown keys raise ``ValueError`` naming the key."""
+    """Typed config from a nested mapping; unknown keys and bad values raise
+    :class:`~megatron_pr2.errors.ConfigError` (a ``ValueError``) naming the key."""
     return _build(MasterConfig, values or {}, "")
 
 
@@ -315,13 +324,13 @@ def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[st
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key or any(not part for part in key.split(".")):
-            raise ValueError(f"override {item!r} is not of the form a.b.c=value")
+            raise ConfigError(f"override {item!r} is not of the form a.b.c=value")
         parts = key.split(".")
         node = values
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ValueError(f"override {item!r}: {part!r} is not a mapping")
+                raise ConfigError(f"override {item!r}: {part!r} is not a mapping")
             node = child
         node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
     return values
@@ -331,8 +340,15 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Maste
     """YAML file (or defaults when ``path`` is None) plus overrides -> :class:`MasterConfig`."""
     values: dict[str, Any] = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text())
+        try:
+            text = Path(path).read_text()
+        except OSError as err:  # missing, a directory, unreadable
+            raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
         if loaded is not None and not isinstance(loaded, dict):
-            raise ValueError(f"{path}: top level must be a mapping")
+            raise ConfigError(f"{path}: top level must be a mapping")
         values = loaded or {}
     return config_from_dict(apply_overrides(values, overrides))

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunLogger", "progress_bar", "read_metrics"]
+__all__ = ["RunLogger", "make_progress_bar", "read_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -75,7 +75,7 @@ class RunLogger:
             )
         self._file = self.path.open("a")
         self._tb = _tensorboard_writer(self.log_dir / "tensorboard") if tensorboard else None
-        self._bar = progress_bar(total_steps, "grpo", resume_step) if progress_bar else None
+        self._bar = make_progress_bar(total_steps, "grpo", resume_step) if progress_bar else None
         self.headline = headline or {}  # progress-bar label -> metric name
 
     def log(self, metrics: dict[str, Any]) -> None:
@@ -167,7 +167,7 @@ def _tensorboard_writer(directory: Path) -> Any:
     return SummaryWriter(log_dir=str(directory))
 
 
-def progress_bar(total: int, desc: str, initial: int = 0) -> Any:
+def make_progress_bar(total: int, desc: str, initial: int = 0) -> Any:
     """A tqdm bar on stderr, or None without tqdm (callers then print plain lines)."""
     try:
         from tqdm import tqdm

@@ -21,6 +21,7 @@ import contextlib
 import json
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig
 
 from megatron_pr2.config import RouterReplayConfig
+from megatron_pr2.errors import ConfigError
 from megatron_pr2.models.gpt import (
     LMBatch,
     TinyMoEShape,
@@ -50,7 +52,7 @@ from megatron_pr2.rl.checkpoint import (
 )
 from megatron_pr2.rl.config import MasterConfig
 from megatron_pr2.rl.engine import RolloutEngine, bf16_engine_config
-from megatron_pr2.rl.logger import RunLogger
+from megatron_pr2.rl.logger import RunLogger, make_progress_bar
 from megatron_pr2.rl.loss import ClippedPGLossFn
 from megatron_pr2.rl.parallel import (
     ParallelSizes,
@@ -77,7 +79,7 @@ def _shape(config: MasterConfig, task: SyntheticTask) -> tuple[TinyMoEShape, int
         needed = -(-needed // tp) * tp
     max_seq = config.policy.max_total_sequence_length or needed
     if max_seq < needed:
-        raise ValueError(
+        raise ConfigError(
             f"policy.max_total_sequence_length={max_seq} < longest prompt + generation ({needed})"
         )
     p = config.policy
@@ -133,12 +135,12 @@ def _policy_model(config: MasterConfig, task: SyntheticTask) -> PolicyModel:
 
     description = load_converted_model_description(p.model_path)
     if description.vocab_size < task.tokenizer.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"policy.model_path: the model's vocabulary ({description.vocab_size}) is smaller "
             f"than the task tokenizer's ({task.tokenizer.vocab_size})"
         )
     if description.max_sequence_length < shape.max_sequence_length:
-        raise ValueError(
+        raise ConfigError(
             f"policy.model_path: max_sequence_length {description.max_sequence_length} < the "
             f"task's longest prompt + generation ({shape.max_sequence_length})"
         )
@@ -163,14 +165,19 @@ def _set_lr(worker: PolicyWorker, lr: float, base: float) -> None:
 
 
 def supervised_warm_start(
-    worker: PolicyWorker, task: SyntheticTask, config: MasterConfig, rng: random.Random
+    worker: PolicyWorker,
+    task: SyntheticTask,
+    config: MasterConfig,
+    rng: random.Random,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Plain LM loss on prompt + answer, masked to the answer, through megatron's schedule.
 
     Why: GRPO on a random tiny model sees all-zero reward groups (no signal); a short warm start
     makes the policy right sometimes. Routers route live (no replay session is active) and the
     PR2 predictor group is frozen. Micro-batches are shared round robin over data-parallel
-    ranks (each micro-batch's loss is a mean, and DDP averages). Returns the loss per step.
+    ranks (each micro-batch's loss is a mean, and DDP averages). Returns the loss per step;
+    ``on_step(step, loss)`` is called after each one (the progress report).
     """
     g, mbs = config.grpo, config.policy.micro_batch_size
     losses = []
@@ -194,6 +201,8 @@ def supervised_warm_start(
                 else None
             )
             losses.append(combine_last_stage_metrics(local, {"lm_loss": "mean"})["lm_loss"])
+            if on_step is not None:
+                on_step(len(losses), losses[-1])
     finally:
         _set_lr(worker, config.policy.lr, g.sft_lr)
     return losses
@@ -289,7 +298,8 @@ def training_steps(config: MasterConfig) -> Iterator[dict[str, Any]]:
         if model.checkpoint is not None:  # a converted checkpoint: its weights, zero predictor
             load_checkpoint(worker.setup, model.checkpoint, load_optimizer=False)
         t0 = time.perf_counter()
-        sft_losses = supervised_warm_start(worker, task, config, rng)
+        with _WarmStartReport(config, enabled=main_rank) as report:
+            sft_losses = supervised_warm_start(worker, task, config, rng, on_step=report.step)
         sft_time = time.perf_counter() - t0
         if sft_losses and main_rank:
             print(
@@ -344,6 +354,68 @@ def training_steps(config: MasterConfig) -> Iterator[dict[str, Any]]:
                 if logger is not None:
                     logger.write(f"saved {path}")
             yield metrics
+    if main_rank:
+        print(results_message(log_dir, config.logger.tensorboard_enabled), flush=True)
+
+
+def _pr2_command() -> str:
+    """How to call ``pr2`` from here: the script next to this interpreter (a venv that is not
+    activated), relative to the working directory when inside it; else plain ``pr2``."""
+    script = Path(sys.executable).parent / "pr2"
+    if not script.is_file():
+        return "pr2"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
+
+
+def results_message(log_dir: Path, tensorboard: bool) -> str:
+    """What the run leaves behind and the command that summarises it (printed at the end,
+    after the progress bar, so a newcomer knows where to look)."""
+    lines = [f"results: {log_dir / 'metrics.jsonl'} (one JSON line per step)"]
+    if tensorboard:
+        lines.append(f"tensorboard: {log_dir / 'tensorboard'}")
+    lines.append(
+        f"summary table and figure: {_pr2_command()} compare {log_dir} --out {log_dir}/comparison"
+    )
+    return "\n".join(lines)
+
+
+class _WarmStartReport:
+    """The supervised warm start's progress: one line saying what it is, then a tqdm bar with
+    the loss (``logger.progress_bar``), or a plain line every tenth of the steps. Without it a
+    newcomer watches a silent terminal for the whole warm start."""
+
+    def __init__(self, config: MasterConfig, enabled: bool) -> None:
+        self.total = config.grpo.sft_warmup_steps if enabled else 0
+        self.bar: Any = None
+        self.every = max(1, self.total // 10)
+        if self.total > 0:
+            print(
+                f"sft warm start: {self.total} supervised steps on the task's answers, so the "
+                f"policy is right sometimes and GRPO's groups carry reward signal; then "
+                f"{config.grpo.max_num_steps} GRPO steps",
+                flush=True,
+            )
+            if config.logger.progress_bar:
+                self.bar = make_progress_bar(self.total, "sft")
+
+    def step(self, step: int, loss: float) -> None:
+        if self.total == 0:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix({"loss": f"{loss:.3f}"}, refresh=False)
+            self.bar.update(1)
+        elif step % self.every == 0 or step == self.total:
+            print(f"sft step {step}/{self.total}  loss {loss:.3f}", flush=True)
+
+    def __enter__(self) -> _WarmStartReport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _router_weights(worker: PolicyWorker) -> dict[int, torch.Tensor]:
