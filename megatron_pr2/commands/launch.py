@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         print(INSTALL_HINT, file=sys.stderr)
         return 2
-    from megatron_pr2.launch.nemo import launch, nemo_run_home, wait_for_job
+    from megatron_pr2.launch.nemo import launch, nemo_run_home, output_dirs, wait_for_job
 
     name = spec.job_name or f"pr2-{Path(args.recipe).parent.name}-{Path(args.recipe).stem}"
     try:
@@ -108,11 +108,14 @@ def run(args: argparse.Namespace) -> int:
     except RecipeError as exc:
         print(f"pr2 launch: {exc}", file=sys.stderr)
         return 2
+    dirs = output_dirs(out.config_path)
+    where = f"metrics {dirs['log_dir']}/metrics.jsonl, checkpoints {dirs['checkpoint_dir']}"
     if args.dryrun:
         print(out.script)
-        print(f"# trainer config: {out.config_path}", file=sys.stderr)
+        print(f"# trainer config: {out.config_path}\n# {where}", file=sys.stderr)
         return 0
     print(f"experiment {out.exp_id}  (trainer config {out.config_path})")
+    print(f"  {where}")
     if not args.wait:
         return 0
     status = wait_for_job(out.exp_id, nemo_run_home(spec), timeout_s=args.timeout)

@@ -19,14 +19,17 @@ Traps this module handles (found by running nemo-run 0.11.1 against a real SLURM
   :func:`use_nemo_run_home`.
 * ``exp.run`` does not raise when the job fails: read the state back with :func:`job_status`
   (``Experiment.from_id``), which needs SLURM accounting (``sacct``) on SLURM.
-* The job's working directory is nemo-run's per-job ``code`` folder, so relative paths in the
-  trainer config (``logger.log_dir``...) are made absolute against the launching directory.
+* The job's working directory is nemo-run's per-launch ``code`` folder, and a container does
+  not see the launching checkout: relative output paths (``logger.log_dir``,
+  ``checkpointing.checkpoint_dir``) resolve under ``<job_dir>/runs/<experiment name>``
+  (:func:`run_dir`), mounted into the container and the same for every launch of the recipe.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -35,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from megatron_pr2.launch.spec import REPO_ROOT, LaunchSpec
+from megatron_pr2.launch.spec import RDZV_PORT_BASE, RDZV_PORT_SPAN, REPO_ROOT, LaunchSpec
 from megatron_pr2.recipes.loader import Recipe, trainer_values, unsupported_parallel_keys
 
 __all__ = [
@@ -47,6 +50,8 @@ __all__ = [
     "job_status",
     "launch",
     "nemo_run_home",
+    "output_dirs",
+    "run_dir",
     "use_nemo_run_home",
     "wait_for_job",
     "write_trainer_config",
@@ -54,6 +59,7 @@ __all__ = [
 
 DEFAULT_HOME = "~/.nemo_run"
 TASK_NAME = "train"
+SLURM_HEAD_VAR = "head_node_ip"  # nemo-run's SlurmExecutor.HEAD_NODE_IP_VAR
 _PATH_KEYS = (("logger", "log_dir"), ("checkpointing", "checkpoint_dir"))
 _DONE = {"SUCCEEDED", "FAILED", "CANCELLED", "UNKNOWN"}
 
@@ -89,20 +95,43 @@ def use_nemo_run_home(home: Path) -> None:
         scheduler.SLURM_JOB_DIRS = os.path.join(str(home), ".slurm_jobs")
 
 
-def write_trainer_config(
-    recipe: Recipe, home: Path, name: str, cwd: Path | None = None, strict: bool = True
-) -> Path:
-    """The trainer's YAML (launch sections stripped, relative output paths made absolute).
+def run_dir(home: Path, name: str) -> Path:
+    """``<home>/runs/<name>``: where relative output paths of experiment ``name`` land.
 
+    Stable per experiment name (not per launch, unlike nemo-run's ``experiments/<name>/<id>``),
+    so a re-launch of the same recipe finds the previous launch's checkpoint and resumes; inside
+    the job dir, so it is on the nodes' shared file system and mounted into a container.
+    """
+    return home / "runs" / name
+
+
+def _trainer_default(section: str, key: str) -> str:
+    from megatron_pr2.rl.config import CheckpointingConfig, LoggerConfig
+
+    cls = {"logger": LoggerConfig, "checkpointing": CheckpointingConfig}[section]
+    return str(getattr(cls(), key))
+
+
+def write_trainer_config(recipe: Recipe, home: Path, name: str, strict: bool = True) -> Path:
+    """The trainer's YAML: launch sections stripped, output paths made absolute.
+
+    ``logger.log_dir`` and ``checkpointing.checkpoint_dir`` (the trainer's defaults when the
+    recipe leaves them out) that are relative resolve under :func:`run_dir`: the job's working
+    directory is nemo-run's per-launch ``code`` folder, and the launching checkout is not
+    mounted into a container, so neither may hold a run's output. Absolute paths are kept.
     ``strict=False`` (dry runs) drops parallel sizes the trainer does not know yet instead of
     refusing them, so the sbatch script of a future layout can still be inspected.
     """
     values = trainer_values(recipe, strict=strict)
-    base = cwd or Path.cwd()
+    base = run_dir(home, name)
     for section, key in _PATH_KEYS:
         node = values.get(section)
-        if isinstance(node, dict) and node.get(key) and not os.path.isabs(str(node[key])):
-            node[key] = str((base / str(node[key])).resolve())
+        if node is None:
+            node = values[section] = {}
+        if not isinstance(node, dict):
+            continue  # the trainer's own validation names the bad section
+        path = Path(os.path.expanduser(str(node.get(key) or _trainer_default(section, key))))
+        node[key] = str(path if path.is_absolute() else (base / path).resolve())
     out = home / "pr2_configs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
     header = f"# resolved by pr2 launch from {recipe.path}"
@@ -110,6 +139,13 @@ def write_trainer_config(
         header += f" (variants: {', '.join(recipe.variants_applied)})"
     out.write_text(header + "\n" + yaml.safe_dump(values, sort_keys=False))
     return out
+
+
+def output_dirs(config_path: Path) -> dict[str, str]:
+    """``{'log_dir': ..., 'checkpoint_dir': ...}`` of a config written by
+    :func:`write_trainer_config`, for the launch summary."""
+    values = yaml.safe_load(config_path.read_text()) or {}
+    return {key: str((values.get(section) or {}).get(key)) for section, key in _PATH_KEYS}
 
 
 def ensure_venv_on_path() -> None:
@@ -134,23 +170,64 @@ def build_task(spec: LaunchSpec, config_path: Path) -> Any:
     return run.Script(path=str(script), args=[str(config_path)], entrypoint="python")
 
 
+#: Shell variable the sbatch script sets to the derived rendezvous port (cluster.rdzv_port None).
+RDZV_PORT_VAR = "PR2_RDZV_PORT"
+
+
+def slurm_setup_lines(spec: LaunchSpec) -> str:
+    """Lines of the sbatch script that run after nemo-run's setup, before ``srun``.
+
+    nemo-run sets ``head_node_ip`` (the c10d rendezvous host) from ``hostname --ip-address`` on
+    the first node, which may print several addresses, or 127.0.1.1 on Debian-style hosts; the
+    first host name of the allocation resolves on every node instead. The port comes from the
+    job id unless ``cluster.rdzv_port`` fixes it.
+    """
+    lines = [
+        "# pr2: rendezvous on the first node of the allocation, by name",
+        f'{SLURM_HEAD_VAR}=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
+    ]
+    if spec.rdzv_port is None:
+        lines.append(
+            f"{RDZV_PORT_VAR}=$(({RDZV_PORT_BASE} + SLURM_JOB_ID % {RDZV_PORT_SPAN}))"
+            "  # pr2: per-job rendezvous port"
+        )
+    return "\n".join(lines)
+
+
+def _sbatch_defaults(spec: LaunchSpec) -> dict[str, Any]:
+    """exclusive / cpus_per_task / mem for SlurmExecutor, minus those ``cluster.sbatch`` sets."""
+    given = {str(k).replace("-", "_") for k in spec.sbatch}
+    values = {
+        "exclusive": True if spec.exclusive else None,
+        "cpus_per_task": spec.sbatch_cpus_per_task,
+        "mem": spec.mem,
+    }
+    return {k: v for k, v in values.items() if v is not None and k not in given}
+
+
 def build_executor(spec: LaunchSpec, home: Path, name: str = "pr2") -> Any:
     """nemo-run executor with the torchrun launcher; ``home`` must be nemo-run's home.
 
     The SLURM job is named ``<name>.train`` (nemo-run's default prefix repeats the account).
+    Its ``env`` values are shell-quoted: nemo-run writes them as ``export KEY=VALUE`` lines.
     """
     import nemo_run as run
 
-    launcher = run.Torchrun(rdzv_port=int(spec.rdzv_port))
-    env = dict(spec.env)
     if spec.executor == "local":
+        port = spec.rdzv_port or 29500  # single node: torchrun picks a free port anyway
         return run.LocalExecutor(
-            launcher=launcher, ntasks_per_node=spec.procs_per_node, env_vars=env
+            launcher=run.Torchrun(rdzv_port=int(port)),
+            ntasks_per_node=spec.procs_per_node,
+            env_vars=dict(spec.env),
         )
+    # the rendezvous port: a number, or the shell variable slurm_setup_lines() sets
+    port: Any = int(spec.rdzv_port) if spec.rdzv_port is not None else f"${{{RDZV_PORT_VAR}}}"
     mounts = list(spec.container_mounts)
     if spec.container_image:
-        configs = str(home / "pr2_configs")
-        mounts.append(f"{configs}:{configs}")  # the resolved config at the same path inside
+        # the resolved config and the run's outputs at the same paths inside the container
+        for folder in (home / "pr2_configs", home / "runs"):
+            folder.mkdir(parents=True, exist_ok=True)  # pyxis refuses a missing mount source
+            mounts.append(f"{folder}:{folder}")
     return run.SlurmExecutor(
         account=spec.account,  # None: no --account line (an empty one would be invalid)
         job_name_prefix=f"{name}.",
@@ -161,11 +238,13 @@ def build_executor(spec: LaunchSpec, home: Path, name: str = "pr2") -> Any:
         time=str(spec.time),
         container_image=spec.container_image,
         container_mounts=mounts,
-        env_vars=env,
+        env_vars={key: shlex.quote(value) for key, value in spec.env.items()},
         additional_parameters=dict(spec.sbatch) or None,
+        setup_lines=slurm_setup_lines(spec),
         tunnel=run.LocalTunnel(job_dir=str(home / "experiments")),
         packager=run.Packager(),
-        launcher=launcher,
+        launcher=run.Torchrun(rdzv_port=port),
+        **_sbatch_defaults(spec),
     )
 
 

@@ -12,10 +12,23 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["REPO_ROOT", "LaunchSpec", "cluster_from_section"]
+__all__ = [
+    "CPUS_PER_GPU_RANK",
+    "RDZV_PORT_BASE",
+    "RDZV_PORT_SPAN",
+    "REPO_ROOT",
+    "LaunchSpec",
+    "cluster_from_section",
+]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _TIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}:\d{2}$")
+_MEM = re.compile(r"^\d+[KMGT]?$")
+#: Host cores per GPU rank when ``cluster.cpus_per_task`` is not given (data loading, NCCL
+#: proxy threads, the rollout engine's host side); 8 ranks x 8 fit every common 8-GPU node.
+CPUS_PER_GPU_RANK = 8
+RDZV_PORT_BASE = 20000
+RDZV_PORT_SPAN = 10000
 
 
 @dataclass
@@ -32,7 +45,18 @@ class LaunchSpec:
             and the resolved trainer configs); must be on a file system the nodes share, and
             no folder on its path may be named ``nemo_run``.
         gpu_memory_gb: device memory per GPU, for ``check-recipe``'s capacity check.
-        sbatch: extra ``#SBATCH`` parameters (``{qos: high, exclusive: true}``).
+        exclusive: ``#SBATCH --exclusive`` (default): the job owns its nodes, so no other job
+            competes for the GPUs' host cores, memory bandwidth or NICs.
+        cpus_per_task: ``#SBATCH --cpus-per-task``. There is one task per node (torchrun starts
+            the ranks), and clusters that confine a job step to its allocated cores would pin
+            all ranks of a node to one core without it. ``None`` (default): ``procs_per_node x
+            CPUS_PER_GPU_RANK`` on GPU jobs, ``procs_per_node`` on CPU jobs; ``0``: no line.
+        mem: ``#SBATCH --mem``; ``"0"`` (default) is all of each node's memory, ``None`` no line.
+        rdzv_port: torchrun's c10d rendezvous port on the first node. ``None`` (default) derives
+            it from the job id (``RDZV_PORT_BASE + SLURM_JOB_ID % RDZV_PORT_SPAN``, below the
+            Linux ephemeral range), so two jobs sharing a node do not collide on one port.
+        sbatch: extra ``#SBATCH`` parameters (``{qos: high}``); a key here replaces the
+            defaults above (``{exclusive: user}``, ``{mem: 500G}``).
     """
 
     executor: str = "slurm"
@@ -49,7 +73,10 @@ class LaunchSpec:
     job_name: str | None = None
     entry: str = "auto"
     gpu_memory_gb: float | None = None
-    rdzv_port: int = 29500
+    exclusive: bool = True
+    cpus_per_task: int | None = None
+    mem: str | None = "0"
+    rdzv_port: int | None = None
     sbatch: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -74,6 +101,15 @@ class LaunchSpec:
                 f"cluster.job_dir={self.job_dir!r}: no folder of the path may be named "
                 "'nemo_run' (nemo-run rewrites it); the default ~/.nemo_run is fine"
             )
+        if self.cpus_per_task is not None and int(self.cpus_per_task) < 0:
+            raise ValueError(f"cluster.cpus_per_task must be >= 0, got {self.cpus_per_task}")
+        if self.mem is not None and not _MEM.match(str(self.mem)):
+            raise ValueError(
+                f"cluster.mem must be a SLURM size (0, 500G, 64000M), got {self.mem!r}"
+            )
+        if self.rdzv_port is not None and not 0 < int(self.rdzv_port) < 65536:
+            raise ValueError(f"cluster.rdzv_port must be a TCP port, got {self.rdzv_port}")
+        self.mem = None if self.mem is None else str(self.mem)
         self.env = {str(k): str(v) for k, v in (self.env or {}).items()}
         self.container_mounts = [str(m) for m in (self.container_mounts or [])]
 
@@ -82,6 +118,13 @@ class LaunchSpec:
         if self.nproc_per_node is not None:
             return int(self.nproc_per_node)
         return int(self.gpus_per_node) or 1
+
+    @property
+    def sbatch_cpus_per_task(self) -> int | None:
+        """The ``--cpus-per-task`` value (None: no line); see ``cpus_per_task``."""
+        if self.cpus_per_task is not None:
+            return int(self.cpus_per_task) or None
+        return self.procs_per_node * (CPUS_PER_GPU_RANK if self.uses_gpus else 1)
 
     @property
     def world_size(self) -> int:

@@ -32,11 +32,29 @@ def test_spec_defaults_and_world():
         ({"nodes": 0}, "cluster.nodes must be >= 1"),
         ({"entry": "python"}, "cluster.entry must be"),
         ({"job_dir": "/shared/nemo_run/home"}, "may be named 'nemo_run'"),
+        ({"mem": "lots"}, "cluster.mem must be a SLURM size"),
+        ({"cpus_per_task": -1}, "cluster.cpus_per_task must be >= 0"),
+        ({"rdzv_port": 70000}, "cluster.rdzv_port must be a TCP port"),
     ],
 )
 def test_spec_rejects(values, message):
     with pytest.raises(ValueError, match=message):
         LaunchSpec(**values)
+
+
+def test_sbatch_resource_defaults():
+    """One torchrun task per node owns the cores of all its ranks; whole node, all memory."""
+    gpu = LaunchSpec(nodes=4, gpus_per_node=8)
+    assert (gpu.exclusive, gpu.mem, gpu.rdzv_port, gpu.sbatch_cpus_per_task) == (
+        True,
+        "0",
+        None,
+        64,
+    )
+    assert LaunchSpec(gpus_per_node=0, nproc_per_node=2).sbatch_cpus_per_task == 2
+    assert LaunchSpec(cpus_per_task=12).sbatch_cpus_per_task == 12
+    assert LaunchSpec(cpus_per_task=0).sbatch_cpus_per_task is None
+    assert LaunchSpec(mem=0).mem == "0"  # YAML `mem: 0` is an int
 
 
 def test_flags_override_the_recipe():
@@ -92,17 +110,45 @@ def test_launch_commands_are_registered():
 
 
 def test_write_trainer_config(tmp_path: Path):
-    """Launch sections stripped, relative output paths absolute, the trainer accepts the file."""
-    from megatron_pr2.launch.nemo import write_trainer_config
+    """Launch sections stripped, relative output paths under the job dir, the trainer accepts
+    the file."""
+    from megatron_pr2.launch.nemo import output_dirs, write_trainer_config
     from megatron_pr2.rl.config import load_config
 
     recipe = load_recipe(RECIPES / "tiny" / "slurm_2nodes.yaml")
-    path = write_trainer_config(recipe, tmp_path, "t", cwd=tmp_path)
+    path = write_trainer_config(recipe, tmp_path, "t")
     values = yaml.safe_load(path.read_text())
     assert "cluster" not in values and "defaults" not in values
-    assert values["logger"]["log_dir"] == str(tmp_path / "logs" / "tiny_slurm")
+    assert values["logger"]["log_dir"] == str(tmp_path / "runs" / "t" / "logs" / "tiny_slurm")
     config = load_config(path)
     assert config.grpo.max_num_steps == 2
+    assert output_dirs(path)["log_dir"] == config.logger.log_dir
+
+
+def test_outputs_are_stable_per_experiment_under_the_job_dir(tmp_path: Path, monkeypatch):
+    """Both output paths land in ``<job_dir>/runs/<name>`` (mounted; never the launching
+    checkout, never nemo-run's per-launch folder), also ``checkpoint_dir`` when the recipe
+    leaves it to the trainer's relative default; a second launch of the same experiment gets
+    the same folders, so it resumes from the first launch's checkpoint. Absolute paths stay."""
+    from megatron_pr2.launch.nemo import write_trainer_config
+
+    monkeypatch.chdir(tmp_path)  # the launching directory must not matter
+    recipe = load_recipe(RECIPES / "tiny" / "slurm_2nodes.yaml", ["checkpointing.enabled=true"])
+    home = tmp_path / "home"
+    first = yaml.safe_load(write_trainer_config(recipe, home, "exp").read_text())
+    monkeypatch.setattr("os.getpid", lambda: 1)  # another launch: another config file
+    second_path = write_trainer_config(recipe, home, "exp")
+    second = yaml.safe_load(second_path.read_text())
+    run = home / "runs" / "exp"
+    assert first["checkpointing"]["checkpoint_dir"] == str(run / "results" / "grpo")
+    assert first["logger"]["log_dir"] == str(run / "logs" / "tiny_slurm")
+    for section, key in (("logger", "log_dir"), ("checkpointing", "checkpoint_dir")):
+        assert second[section][key] == first[section][key]
+    absolute = load_recipe(
+        RECIPES / "tiny" / "slurm_2nodes.yaml", [f"checkpointing.checkpoint_dir={tmp_path}/c"]
+    )
+    values = yaml.safe_load(write_trainer_config(absolute, home, "exp").read_text())
+    assert values["checkpointing"]["checkpoint_dir"] == f"{tmp_path}/c"
 
 
 def test_submission_refuses_a_layout_the_trainer_lacks(tmp_path: Path, monkeypatch):

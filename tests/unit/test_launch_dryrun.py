@@ -46,7 +46,10 @@ GOLDEN_TINY_SLURM = """\
 
 # Parameters
 #SBATCH --account=ci
+#SBATCH --cpus-per-task=1
+#SBATCH --exclusive
 #SBATCH --job-name=pr2-tiny.train
+#SBATCH --mem=0
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
 #SBATCH --open-mode=append
@@ -72,13 +75,16 @@ head_node_ip=$(srun --nodes=1 --ntasks=1 -w "$head_node" hostname --ip-address)
 export OMP_NUM_THREADS=1
 export TORCHDYNAMO_DISABLE=1
 export LOGLEVEL=INFO
+# pr2: rendezvous on the first node of the allocation, by name
+head_node_ip=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+PR2_RDZV_PORT=$((20000 + SLURM_JOB_ID % 10000))  # pr2: per-job rendezvous port
 
 
 # Command 1
 
 srun --output <HOME>/experiments/pr2-tiny/pr2-tiny_<ID>/train/log-pr2-tiny.train_%j_${SLURM_RESTART_COUNT:-0}.out \
 --chdir <HOME>/experiments/pr2-tiny/pr2-tiny_<ID>/train/code --wait=60 --kill-on-bad-exit=1 torchrun \
---rdzv-backend c10d --rdzv-endpoint $head_node_ip:29500 --rdzv-id <RDZV> --nnodes 2 --nproc-per-node 1 \
+--rdzv-backend c10d --rdzv-endpoint $head_node_ip:${PR2_RDZV_PORT} --rdzv-id <RDZV> --nnodes 2 --nproc-per-node 1 \
 --node-rank $SLURM_NODEID --tee 3 <REPO>/examples/train.py <HOME>/pr2_configs/pr2-tiny-<STAMP>.yaml
 
 exitcode=$?
@@ -144,17 +150,21 @@ def test_recipe_sbatch(tmp_path: Path, path: Path):
         f"#SBATCH --gpus-per-node={gpus}",
         f"#SBATCH --time={recipe.get('cluster.time')}",
         "#SBATCH --job-name=job.train",
+        "#SBATCH --exclusive",
+        f"#SBATCH --cpus-per-task={8 * gpus}",  # 8 cores per GPU rank, one torchrun task
+        "#SBATCH --mem=0",
         "export HF_HOME=/lustre/hf",
     ):
         assert line in script.splitlines(), line
     srun = _srun_line(script)
     assert "--container-image nvcr.io/nvidia/pytorch:25.01-py3" in srun
     assert f"/lustre:/lustre,{tmp_path}/pr2_configs:{tmp_path}/pr2_configs" in srun
+    assert f",{tmp_path}/runs:{tmp_path}/runs" in srun  # the run's outputs (logs, checkpoints)
     assert "--kill-on-bad-exit=1" in srun
     torchrun = srun[srun.index("torchrun ") :]
     assert f"--nnodes {nodes} --nproc-per-node {gpus}" in torchrun
     if nodes > 1:  # c10d rendezvous on the first node of the allocation
-        assert "--rdzv-endpoint $head_node_ip:29500" in torchrun
+        assert "--rdzv-endpoint $head_node_ip:${PR2_RDZV_PORT}" in torchrun
         assert "--node-rank $SLURM_NODEID" in torchrun
     else:
         assert "--rdzv-endpoint localhost:0" in torchrun and "--node-rank 0" in torchrun
@@ -210,3 +220,86 @@ def test_cli_dryrun_prints_only_the_script(tmp_path: Path):
     assert "#SBATCH --nodes=2" in done.stdout and "#SBATCH --partition=batch" in done.stdout
     assert "--nnodes 2 --nproc-per-node 8" in done.stdout
     assert "Entering Experiment" not in done.stdout
+
+
+GOLDEN_DIR = Path(__file__).parent / "golden"
+GPU_ENV = {"HF_HOME": "/lustre/hf", "NCCL_SOCKET_IFNAME": "ib0,ib1", "EXTRA_ARGS": "--a 'b c'"}
+
+
+def _golden_gpu_script(home: Path) -> str:
+    out = _dryrun(
+        RECIPES / "qwen3_30b_a3b" / "pr2.yaml",
+        home,
+        "q",
+        ("off8", "nodes8"),
+        partition="batch",
+        account="acct",
+        container_image="nvcr.io/nvidia/pytorch:25.01-py3",
+        container_mounts=["/lustre:/lustre"],
+        env=GPU_ENV,
+    )
+    return _mask(out.script, home, "q").strip() + "\n"
+
+
+def test_golden_gpu_sbatch_file(tmp_path: Path):
+    """The whole sbatch script of an 8-node GPU job in a container (golden file): exclusive
+    nodes, 64 cores for the node's torchrun task (8 ranks x 8), all node memory, rendezvous on
+    the allocation's first host name at a port derived from the job id, shell-quoted env, the
+    run's output folder mounted. Regenerate with PR2_UPDATE_GOLDEN=1 and review the diff."""
+    golden = GOLDEN_DIR / "qwen3_30b_a3b_pr2_nodes8.sbatch"
+    script = _golden_gpu_script(tmp_path)
+    if os.environ.get("PR2_UPDATE_GOLDEN") == "1":
+        golden.write_text(script)
+    assert script == golden.read_text()
+
+
+def test_env_values_are_shell_quoted(tmp_path: Path):
+    """``--env 'FOO=a b'``: the export line must give the job exactly ``a b``."""
+    import subprocess
+
+    script = _golden_gpu_script(tmp_path)
+    exports = [line for line in script.splitlines() if line.startswith("export ")]
+    shell = subprocess.run(
+        ["bash", "-c", "\n".join([*exports, 'printf "%s|" "$EXTRA_ARGS" "$NCCL_SOCKET_IFNAME"'])],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert shell.stdout == "--a 'b c'|ib0,ib1|"
+
+
+def _sbatch_lines(script: str) -> list[str]:
+    return [line for line in script.splitlines() if line.startswith("#SBATCH")]
+
+
+def test_sbatch_resource_keys(tmp_path: Path):
+    """cluster.exclusive / cpus_per_task / mem / rdzv_port change the defaults; ``sbatch:``
+    entries replace them (no duplicate lines)."""
+    path = RECIPES / "qwen3_30b_a3b" / "pr2.yaml"
+    plain = _dryrun(
+        path,
+        tmp_path,
+        "k",
+        overrides=[
+            "cluster.exclusive=false",
+            "cluster.cpus_per_task=12",
+            "cluster.mem=null",
+            "cluster.rdzv_port=29600",
+        ],
+    ).script
+    lines = _sbatch_lines(plain)
+    assert "#SBATCH --cpus-per-task=12" in lines
+    assert not [x for x in lines if x.startswith(("#SBATCH --exclusive", "#SBATCH --mem"))]
+    assert "--rdzv-endpoint $head_node_ip:29600 " in _srun_line(plain)
+    assert "PR2_RDZV_PORT" not in plain
+    assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1' in plain
+    none = _dryrun(path, tmp_path, "k", overrides=["cluster.cpus_per_task=0"]).script
+    assert not [x for x in _sbatch_lines(none) if "cpus-per-task" in x]
+    custom = _dryrun(
+        path, tmp_path, "k", overrides=["cluster.sbatch={mem: 500G, exclusive: user}"]
+    ).script
+    lines = _sbatch_lines(custom)
+    assert [x for x in lines if x.startswith(("#SBATCH --mem", "#SBATCH --exclusive"))] == [
+        "#SBATCH --exclusive=user",
+        "#SBATCH --mem=500G",
+    ]
