@@ -72,7 +72,12 @@ def as_numpy(routes: Any, what: str = "routes") -> np.ndarray:
         if routes.is_floating_point() or routes.is_complex() or routes.dtype == torch.bool:
             raise ValueError(f"{what}: expected integer expert ids, got {routes.dtype}")
         routes = routes.detach().cpu().numpy()
-    array = np.asarray(routes)
+    try:
+        array = np.asarray(routes)
+    except ValueError as error:  # ragged nested rows: numpy's message names no sample
+        raise ValueError(
+            f"{what}: expected a rectangular array of expert ids, got ragged rows ({error})"
+        ) from error
     if array.dtype.kind not in "iu":
         raise ValueError(f"{what}: expected integer expert ids, got dtype {array.dtype}")
     return array
@@ -198,6 +203,13 @@ def decode(
     expected = dtype.itemsize
     for dim in dims:  # Python ints: no overflow on hostile shapes
         expected *= dim
+    # A zero dimension makes the payload empty whatever the other dimensions, but numpy still
+    # refuses to shape an array whose other dimensions overflow: say so, naming the frame.
+    nonzero = dtype.itemsize
+    for dim in dims:
+        nonzero *= max(dim, 1)
+    if nonzero > np.iinfo(np.intp).max:
+        raise ValueError(f"{what}: shape {dims} is too large for an array, even if empty")
     got = size - start
     if got < expected:
         raise ValueError(
@@ -218,7 +230,10 @@ def decode(
             )
     elif crc != 0:
         raise ValueError(f"{what}: CRC-32 field is {crc:#010x} but the CRC flag is clear")
-    array = np.frombuffer(payload, dtype=dtype).reshape(dims)
+    try:
+        array = np.frombuffer(payload, dtype=dtype).reshape(dims)
+    except ValueError as error:  # any other limit numpy enforces, with the frame named
+        raise ValueError(f"{what}: cannot shape the payload as {dims}: {error}") from error
     if not dtype.isnative:
         array = array.astype(dtype.newbyteorder("="))
     bad = first_bad_id(array, frame_experts)

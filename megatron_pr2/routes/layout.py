@@ -533,8 +533,13 @@ def batch_routes(
     *,
     fallback_spec: RouteSpec | None = None,
 ) -> dict[int, list[torch.Tensor]]:
-    """Session routes for a whole local batch: payloads are matched to microbatches by sample."""
-    by_id = {p.sample_id: p for p in payloads}
+    """Session routes for a whole local batch: payloads are matched to microbatches by sample.
+    Two payloads for one sample are refused (keeping either would silently drop the other)."""
+    by_id: dict[int, RoutePayload] = {}
+    for payload in payloads:
+        if payload.sample_id in by_id:
+            raise ValueError(f"sample {payload.sample_id}: two route payloads for one sample")
+        by_id[payload.sample_id] = payload
     known = {sid for layout in layouts for sid in layout.sample_ids}
     stray = sorted(set(by_id) - known)
     if stray:

@@ -19,14 +19,16 @@ Rules (NeMo-RL's R3 contract, made explicit):
   spread over the experts (:func:`megatron_pr2.routes.fill.spread_routes`, salt = its position).
   The last token predicts nothing, so its route never reaches the loss; it only has to be legal.
 * Layers: the layer axis must be either every decoder layer (``num_layers``; dense-layer columns
-  are ignored) or the MoE layers only, in layer order. Columns are mapped to megatron's global,
+  are ignored, except that SGLang's flat output, which carries no shape, is read as all layers
+  only where they hold ``-1``) or the MoE layers only, in layer order. Columns are mapped to megatron's global,
   1-based ``layer_number`` through ``moe_layer_freq`` (int N: layer i, 0-based, is MoE iff
   ``i % N == 0``; or a 0/1 list), as megatron's layer specs do. MTP layers are never part of the
   mapping (MTP routers share decoder layer numbers and must stay live), so an axis that includes
   them is refused.
 * Rows of all ``-1`` are kept: they are live-router fallbacks, counted by the replay metrics.
   Partial ``-1`` rows, duplicate ids in a row, and ids outside ``[-1, num_experts)`` are errors.
-* Every error names the sample (and the layer / token when there is one) and expected vs got.
+* Every error names the sample (and the layer / token when there is one) and expected vs got;
+  the token named is the first bad one over every kind of fault.
 """
 
 from __future__ import annotations
@@ -181,7 +183,7 @@ def parse_routes(
     kept = array[: num_tokens - 1]
     if columns is not None:
         kept = kept[:, columns]
-    _check_range(where, source, kept, spec)
+    _check_range(where, source, kept, spec, check_rows)
     routes = np.empty((num_tokens, len(spec.moe_layers), spec.topk), dtype=spec.dtype)
     np.copyto(routes[: num_tokens - 1], kept, casting="unsafe")  # range checked: no wrap
     if check_rows:  # on the narrow copy: fewer bytes to scan
@@ -223,7 +225,10 @@ def parse_sglang(
 
     The flat array carries no shape, so the layer axis is ``reported_layers`` when given, else
     whichever of ``num_layers`` / MoE-layer count (with ``num_tokens - 1`` or ``num_tokens``
-    rows) matches the element count; two matches is an error asking for ``reported_layers``.
+    rows) matches the element count. SGLang writes ``-1`` in dense-layer columns, so an
+    all-layers reading is accepted only where every dense column holds ``-1``: MoE-only rows that
+    happen to have the all-layers element count are never read as all layers (which would drop
+    rows). Two readings that both pass are an error asking for ``reported_layers``.
     """
     where, source = f"sample {sample_id}", "sglang routed_experts"
     try:
@@ -252,10 +257,22 @@ def parse_sglang(
             f"{where} ({source}): {flat.size} ids do not form [{num_tokens - 1} or {num_tokens} "
             f"rows, {' or '.join(str(c) for c in candidates)} layers, topk {spec.topk}]"
         )
+    refused = {
+        shape: fault for shape in shapes if (fault := _dense_column_fault(flat, shape, spec))
+    }
+    if refused and len(refused) == len(shapes):
+        (rows, layers), fault = next(iter(refused.items()))
+        raise ValueError(
+            f"{where} ({source}): {flat.size} ids read as {rows} rows x {layers} layers (all "
+            f"layers) would hold expert ids in a dense layer ({fault}); SGLang writes -1 there, "
+            "so these are not all-layers rows"
+            + ("" if reported_layers is None else f" (reported_layers={reported_layers})")
+        )
+    shapes = [shape for shape in shapes if shape not in refused]
     if len(shapes) > 1:
         raise ValueError(
             f"{where} ({source}): {flat.size} ids match several shapes {shapes} "
-            "(rows, layers); pass reported_layers"
+            "(rows, layers), each a valid reading; pass reported_layers"
         )
     rows, layers = shapes[0]
     return parse_routes(
@@ -308,6 +325,21 @@ def parse_engine_output(
 
 
 # ---------------------------------------------------------------------------------- helpers
+def _dense_column_fault(flat: np.ndarray, shape: tuple[int, int], spec: RouteSpec) -> str | None:
+    """Why ``flat`` read as ``shape`` (rows, all layers) is not SGLang output: the first dense
+    layer and token holding an id other than ``-1``; None when it may be (or is MoE-only)."""
+    rows, layers = shape
+    if layers != spec.num_layers or layers == len(spec.moe_layers) or rows == 0:
+        return None
+    dense = [layer - 1 for layer in range(1, layers + 1) if layer not in spec.moe_layers]
+    columns = flat.reshape(rows, layers, spec.topk)[:, dense]
+    bad = (columns != -1).any(axis=2)
+    if not bad.any():
+        return None
+    token, column = divmod(int(np.flatnonzero(bad)[0]), len(dense))
+    return f"layer {dense[column] + 1}, token {token}: {columns[token, column].tolist()}"
+
+
 def _layer_columns(where: str, source: str, got: int, spec: RouteSpec) -> list[int] | None:
     """Columns of the MoE layers in an axis of ``got`` layers; None = already MoE-only."""
     num_moe = len(spec.moe_layers)
@@ -327,37 +359,55 @@ def _layer_columns(where: str, source: str, got: int, spec: RouteSpec) -> list[i
     )
 
 
-def _check_range(where: str, source: str, rows: np.ndarray, spec: RouteSpec) -> None:
-    """Ids in [-1, num_experts), naming sample, layer and token."""
+def _check_range(
+    where: str, source: str, rows: np.ndarray, spec: RouteSpec, check_rows: bool
+) -> None:
+    """Ids in [-1, num_experts), naming sample, layer and token. When an id is out of range,
+    an earlier row fault (partial -1, duplicate) is named instead, so the token named is the
+    first bad one whatever its fault (slow path: only rows up to the bad id are scanned)."""
     bad = codec.first_bad_id(rows, spec.num_experts)
-    if bad is not None:
-        (token, column, _), value = bad
-        raise ValueError(
-            f"{where}, layer {spec.moe_layers[column]}, token {token} ({source}): expert id "
-            f"{value} out of range [-1, {spec.num_experts})"
-        )
+    if bad is None:
+        return
+    (token, column, _), value = bad
+    if check_rows:
+        earlier = _first_row_fault(rows[: token + 1], spec)
+        if earlier is not None and earlier[0] < token * rows.shape[1] + column:
+            _raise_at(where, source, rows, spec, *earlier)
+    raise ValueError(
+        f"{where}, layer {spec.moe_layers[column]}, token {token} ({source}): expert id "
+        f"{value} out of range [-1, {spec.num_experts})"
+    )
 
 
 def _check_rows(where: str, source: str, rows: np.ndarray, spec: RouteSpec) -> None:
     """No partial -1 rows, no duplicate ids in a row, naming sample, layer and token."""
+    fault = _first_row_fault(rows, spec)
+    if fault is not None:
+        _raise_at(where, source, rows, spec, *fault)
+
+
+def _first_row_fault(rows: np.ndarray, spec: RouteSpec) -> tuple[int, str] | None:
+    """(flat token x layer index, kind) of the first row that mixes -1 with ids or repeats an
+    id, over both kinds; None when every row is valid."""
     if rows.size == 0:
-        return
+        return None
     # One [topk, rows] copy, then whole-array compares: numpy reductions and sorts over a short
     # last axis cost ~10x more than these passes over long contiguous arrays.
     slots = np.ascontiguousarray(rows.reshape(-1, spec.topk).T)
     is_fallback = slots == -1
     some, every = is_fallback.any(axis=0), is_fallback.all(axis=0)
     partial = some & ~every
-    if partial.any():
-        _raise_at(where, source, rows, spec, int(np.flatnonzero(partial)[0]), "mixes")
     duplicate = np.zeros(slots.shape[1], dtype=bool)
     same = np.empty_like(duplicate)
     for i in range(spec.topk):
         for j in range(i + 1, spec.topk):
             np.logical_or(duplicate, np.equal(slots[i], slots[j], out=same), out=duplicate)
     duplicate &= ~some
-    if duplicate.any():
-        _raise_at(where, source, rows, spec, int(np.flatnonzero(duplicate)[0]), "duplicate")
+    bad = np.logical_or(duplicate, partial, out=duplicate)  # in place: no new row mask
+    if not bad.any():
+        return None
+    flat = int(np.flatnonzero(bad)[0])
+    return flat, "mixes" if partial[flat] else "duplicate"
 
 
 def _raise_at(

@@ -188,6 +188,7 @@ def test_engine_output_dispatch_vllm_and_mcore():
 def test_sglang_ambiguous_shape_asks_for_reported_layers():
     spec = P.RouteSpec(num_layers=6, num_experts=8, topk=1, moe_layer_freq=[0, 0, 0, 1, 1, 1])
     rows = random_rows(1, 6, 1, 8)  # 6 ids for 2 tokens: 1 row x 6 layers, or 2 rows x 3 layers
+    rows[:, :3] = -1  # dense layers as SGLang writes them: the 2 x 3 reading is an all -1 row
     with pytest.raises(
         ValueError, match=r"sample 0 \(sglang routed_experts\): 6 ids match several"
     ):
