@@ -15,6 +15,9 @@ import sys
 from collections.abc import Callable
 from typing import Any, Protocol
 
+#: Exit status after Ctrl-C: 128 + SIGINT, what a shell reports for a process it interrupted.
+INTERRUPTED_EXIT_CODE = 130
+
 CPU_HINT = (
     "pr2 convert needs CUDA for megatron-core. On a CPU-only machine run the same arguments "
     "with the test-only CPU shim: python tools/convert_checkpoint.py ARGS"
@@ -170,7 +173,8 @@ def _precheck(kwargs: dict[str, Any]) -> int:
 
 def run(args: argparse.Namespace, launcher: Launcher | None = None) -> int:
     """Handler: 0 on success, 1 with a one-line error for bad input, 2 without CUDA or a
-    launcher (``tools/convert_checkpoint.py`` passes the CPU one)."""
+    launcher (``tools/convert_checkpoint.py`` passes the CPU one), 130 after Ctrl-C (an
+    interrupt is never a success, and leaves no output)."""
     from megatron_pr2.convert import ConversionError
 
     if launcher is None:
@@ -213,3 +217,9 @@ def run(args: argparse.Namespace, launcher: Launcher | None = None) -> int:
     except ConversionError as exc:
         print(f"pr2 convert: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        from megatron_pr2.convert.atomic import discard_partial
+
+        discard_partial(args.out_dir)  # the conversion's own cleanup may have been cut short
+        print(f"pr2 convert: interrupted; nothing written at {args.out_dir}", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE

@@ -48,9 +48,33 @@ def partial_path(target: Path) -> Path:
     return target.parent / f".{target.name}.partial"
 
 
+def discard_partial(target: str | Path) -> None:
+    """Remove ``target``'s partial directory (rank 0): an interrupt leaves nothing behind."""
+    if _rank() == 0:
+        shutil.rmtree(partial_path(Path(target).absolute()), ignore_errors=True)
+
+
+def _commit(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` onto ``target``; an interrupt between the two renames puts the old
+    ``target`` back rather than leaving neither."""
+    if not target.exists():
+        tmp.rename(target)
+        return
+    old = target.parent / f".{target.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    target.rename(old)
+    try:
+        tmp.rename(target)
+    except BaseException:
+        old.rename(target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that becomes ``target`` when the block succeeds."""
+    """Yield a temporary directory that becomes ``target`` when the block succeeds; on any
+    exception, ``KeyboardInterrupt`` included, the temporary directory is removed."""
     target = Path(target).absolute()
     if target.exists() and not overwrite:
         raise ConversionError(f"{target}: output exists (pass --overwrite to replace it)")
@@ -63,18 +87,11 @@ def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[P
     _barrier()
     try:
         yield tmp
+        _barrier()
+        if _rank() == 0:
+            _commit(tmp, target)
     except BaseException:
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _barrier()
-    if _rank() == 0:
-        if target.exists():
-            old = target.parent / f".{target.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(target)
     _barrier()
