@@ -122,11 +122,23 @@ class _IndexedBatches:
         return next(self._it)
 
 
-def train_pass_native(built: Built, batches: list[LMBatch], routes) -> list[dict]:
+def train_pass_native(
+    built: Built, batches: list[LMBatch], routes, switch_backward: bool = False
+) -> list[dict]:
     """Arm megatron's native replay per microbatch inside the forward step (as NeMo-RL does),
-    with the action left at REPLAY_FORWARD, which is what megatron-core documents."""
+    with the action left at REPLAY_FORWARD, which is what megatron-core documents.
+
+    Works on any router whose ``router_replay`` is a megatron ``RouterReplay`` (megatron's own,
+    or ours). ``switch_backward``: also switch every instance to REPLAY_BACKWARD when the
+    gradient reaches a microbatch's output, i.e. before that microbatch's recompute (the
+    caller-side switch megatron's native replay needs under pipelining; megatron has no hook).
+    """
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
+
+    def to_backward(grad: torch.Tensor) -> torch.Tensor:
+        RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
+        return grad
 
     def forward_step(data_iterator: _IndexedBatches, model):
         microbatch = data_iterator.index + 1
@@ -135,7 +147,10 @@ def train_pass_native(built: Built, batches: list[LMBatch], routes) -> list[dict
             if isinstance(replay, RouterReplay):
                 replay.set_target_indices(routes[module.layer_number][microbatch])
                 replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
-        return lm_forward_step(data_iterator, model)
+        output, loss_func = lm_forward_step(data_iterator, model)
+        if switch_backward and output.requires_grad:
+            output.register_hook(to_backward)
+        return output, loss_func
 
     chunks = built.chunks
     iterators: Any = (
@@ -160,11 +175,24 @@ def max_grad_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> flo
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def recompute_gap(variant: str, recompute: str, num_microbatches: int = 4) -> float:
-    """Max |grad(recompute) - grad(no recompute)| over this rank's params, replay active."""
+def recompute_gap(
+    variant: str, recompute: str, num_microbatches: int = 4, driver: str | None = None
+) -> float:
+    """Max |grad(recompute) - grad(no recompute)| over this rank's params, replay active.
+
+    ``driver``: ``session`` (ReplaySession), ``native`` (megatron's RouterReplay API with
+    REPLAY_FORWARD only) or ``native_backward`` (plus the caller-side REPLAY_BACKWARD switch);
+    default: ``session`` for ``ours``, ``native`` otherwise.
+    """
     batches = make_batches(num_microbatches)
     routes = random_routes(num_microbatches)
-    train = train_pass_ours if variant == "ours" else train_pass_native
+    driver = driver or ("session" if variant == "ours" else "native")
+    trains = {
+        "session": train_pass_ours,
+        "native": train_pass_native,
+        "native_backward": lambda b, mbs, r: train_pass_native(b, mbs, r, switch_backward=True),
+    }
+    train = trains[driver]
     results = []
     for mode in ("off", recompute):
         built = build(variant, recompute=mode)
