@@ -99,7 +99,15 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         print(INSTALL_HINT, file=sys.stderr)
         return 2
-    from megatron_pr2.launch.nemo import launch, nemo_run_home, output_dirs, wait_for_job
+    from megatron_pr2.launch.nemo import (
+        LaunchError,
+        job_logs,
+        job_status,
+        launch,
+        nemo_run_home,
+        output_dirs,
+        wait_for_job,
+    )
 
     name = spec.job_name or f"pr2-{Path(args.recipe).parent.name}-{Path(args.recipe).stem}"
     try:
@@ -108,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
     except RecipeError as exc:
         print(f"pr2 launch: {exc}", file=sys.stderr)
         return 2
+    except LaunchError as exc:  # e.g. sbatch: invalid partition: one line, no traceback
+        print(f"pr2 launch: {exc}", file=sys.stderr)
+        return 1
     dirs = output_dirs(out.config_path)
     where = f"metrics {dirs['log_dir']}/metrics.jsonl, checkpoints {dirs['checkpoint_dir']}"
     if args.dryrun:
@@ -118,6 +129,19 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {where}")
     if not args.wait:
         return 0
-    status = wait_for_job(out.exp_id, nemo_run_home(spec), timeout_s=args.timeout)
-    print(f"experiment {out.exp_id}: {status}")
-    return 0 if status == "SUCCEEDED" else 1
+    home = nemo_run_home(spec)
+    try:
+        status = wait_for_job(out.exp_id, home, timeout_s=args.timeout)
+    except TimeoutError as exc:
+        print(f"pr2 launch: {exc} (--timeout); the job keeps running", file=sys.stderr)
+        return 1
+    job_id = job_status(out.exp_id, home).get("job_id")
+    print(f"experiment {out.exp_id}: {status}" + (f" (job {job_id})" if job_id else ""))
+    if status == "SUCCEEDED":
+        return 0
+    logs = job_logs(home, out.exp_id)
+    for path in logs:
+        print(f"  log: {path}")
+    if not logs:
+        print(f"  no log file under {home / 'experiments'} for {out.exp_id}")
+    return 1

@@ -28,8 +28,11 @@ Traps this module handles (found by running nemo-run 0.11.1 against a real SLURM
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shlex
+import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -43,15 +46,19 @@ from megatron_pr2.recipes.loader import Recipe, trainer_values, unsupported_para
 
 __all__ = [
     "DEFAULT_HOME",
+    "LaunchError",
     "LaunchResult",
     "build_executor",
     "build_task",
     "ensure_venv_on_path",
+    "job_logs",
     "job_status",
     "launch",
     "nemo_run_home",
     "output_dirs",
     "run_dir",
+    "slurm_state",
+    "submission_error",
     "use_nemo_run_home",
     "wait_for_job",
     "write_trainer_config",
@@ -289,19 +296,82 @@ def launch(
     task = build_task(spec, config_path)
     executor = build_executor(spec, home, name)
     script = None
-    # nemo-run's console chatter goes to stderr, so stdout carries only the script of a dry run.
-    with (
-        contextlib.redirect_stdout(sys.stderr),
-        run.Experiment(name, executor=executor, log_level="WARN") as exp,
-    ):
-        exp.add(task, name=TASK_NAME)
-        if dryrun:
-            exp.dryrun(log=False)
-            script = "\n".join(_dryrun_text(job) for job in exp.jobs)
-        else:
-            exp.run(sequential=True, detach=detach, tail_logs=tail_logs)
-        exp_id = exp._id
+    # A SLURM submission's chatter is held back, so that a refused sbatch (bad partition,
+    # account, time) is one line instead of nemo-run's log block plus invoke's traceback.
+    capture = _console_capture() if spec.executor == "slurm" and not dryrun else None
+    try:
+        # nemo-run's console chatter goes to stderr, so stdout carries only a dry run's script.
+        with (
+            capture if capture is not None else contextlib.nullcontext(),
+            contextlib.redirect_stdout(sys.stderr),
+            run.Experiment(name, executor=executor, log_level="WARN") as exp,
+        ):
+            exp.add(task, name=TASK_NAME)
+            if dryrun:
+                exp.dryrun(log=False)
+                script = "\n".join(_dryrun_text(job) for job in exp.jobs)
+            else:
+                exp.run(sequential=True, detach=detach, tail_logs=tail_logs)
+            exp_id = exp._id
+    except Exception as exc:
+        message = submission_error(exc)
+        if message is None:
+            if capture is not None:
+                sys.stderr.write(capture.get())
+            raise
+        raise LaunchError(message) from None
+    if capture is not None:
+        sys.stderr.write(capture.get())
     return LaunchResult(exp_id=exp_id, config_path=config_path, script=script)
+
+
+class LaunchError(RuntimeError):
+    """A submission the scheduler refused; the message is the scheduler's own, on one line."""
+
+
+class _ConsoleCapture:
+    """Holds back what nemo-run's rich console prints (its log lines go through it too).
+
+    rich's own ``Console.capture()`` buffers per thread and misses the lines nemo-run logs
+    from its launch thread pool, so the console's file is swapped instead.
+    """
+
+    def __init__(self) -> None:
+        from nemo_run.core.frontend.console.api import CONSOLE
+
+        self._console = CONSOLE
+        self._buffer = io.StringIO()
+        self._saved: Any = None
+
+    def __enter__(self) -> _ConsoleCapture:
+        self._saved = self._console.file
+        self._console.file = self._buffer
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._console.file = self._saved
+
+    def get(self) -> str:
+        return self._buffer.getvalue()
+
+
+def _console_capture() -> _ConsoleCapture:
+    return _ConsoleCapture()
+
+
+def submission_error(exc: BaseException) -> str | None:
+    """``sbatch failed (exit 1): sbatch: error: invalid partition specified: x`` from the
+    exception of a command nemo-run ran (invoke's ``UnexpectedExit`` carries the command's
+    result), or None for any other exception (a bug: its traceback is kept)."""
+    result = getattr(exc, "result", None)
+    command = str(getattr(result, "command", "") or "")
+    if result is None or not command:
+        return None
+    output = str(getattr(result, "stderr", "") or "") or str(getattr(result, "stdout", "") or "")
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    program = command.split()[0]
+    code = getattr(result, "exited", "?")
+    return f"{program} failed (exit {code}): " + (" | ".join(lines) or "no output")
 
 
 def job_status(exp_id: str, home: Path | None = None) -> dict[str, Any]:
@@ -317,15 +387,69 @@ def job_status(exp_id: str, home: Path | None = None) -> dict[str, Any]:
     return {**state, "status": str(getattr(status, "name", status))}
 
 
+#: sacct states that say more than nemo-run's FAILED (torchx maps them all to FAILED).
+SLURM_END_STATES = frozenset(
+    {
+        "BOOT_FAIL",
+        "CANCELLED",
+        "DEADLINE",
+        "FAILED",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+        "PREEMPTED",
+        "TIMEOUT",
+    }
+)
+
+
+def slurm_state(job_id: Any) -> str | None:
+    """The job's end state from ``sacct`` (``TIMEOUT``, ``CANCELLED`` for "CANCELLED by 0",
+    ``OUT_OF_MEMORY``...), ``SUCCEEDED`` for COMPLETED, or None (no sacct, not a SLURM id)."""
+    if not str(job_id or "").isdigit() or shutil.which("sacct") is None:
+        return None
+    try:
+        done = subprocess.run(
+            ["sacct", "-n", "-X", "--parsable2", "-j", str(job_id), "-o", "State"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    words = done.stdout.split()
+    state = words[0].rstrip("+") if done.returncode == 0 and words else ""
+    if state == "COMPLETED":
+        return "SUCCEEDED"
+    return state if state in SLURM_END_STATES else None
+
+
 def wait_for_job(
     exp_id: str, home: Path | None = None, timeout_s: float = 600.0, poll_s: float = 3.0
 ) -> str:
-    """Poll :func:`job_status` until the job ends; raises ``TimeoutError`` past ``timeout_s``."""
+    """Poll :func:`job_status` until the job ends; raises ``TimeoutError`` past ``timeout_s``.
+
+    A SLURM job that did not succeed is reported by its sacct state (:func:`slurm_state`), so
+    a time limit, a cancellation or an out-of-memory kill is not just "FAILED".
+    """
     deadline = time.monotonic() + timeout_s
     while True:
-        status = job_status(exp_id, home)["status"]
-        if status.upper() in _DONE:
-            return status.upper()
+        state = job_status(exp_id, home)
+        status = str(state["status"]).upper()
+        if status in _DONE:
+            if status != "SUCCEEDED":
+                status = slurm_state(state.get("job_id")) or status
+            return status
         if time.monotonic() > deadline:
             raise TimeoutError(f"{exp_id}: still {status} after {timeout_s:.0f} s")
         time.sleep(poll_s)
+
+
+def job_logs(home: Path, exp_id: str) -> list[Path]:
+    """The job's log files (SLURM: ``log-*.out`` of srun and ``sbatch_*.out``; local:
+    ``*.log``), for a failure message."""
+    found: set[Path] = set()
+    for exp_dir in (home / "experiments").glob(f"*/{exp_id}"):
+        for pattern in ("log-*.out", "sbatch_*.out", "*.log"):
+            found.update(p for p in exp_dir.rglob(pattern) if "code" not in p.parts)
+    return sorted(found)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import pytest
@@ -232,3 +233,87 @@ def test_stray_words_after_flags_are_still_refused(capsys):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["launch", "r.yaml", "--dryrun", stray])
         assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def _fake_sacct(tmp_path: Path, monkeypatch, output: str) -> None:
+    """A ``sacct`` on PATH that prints ``output`` (what ``-o State`` prints for the job)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    sacct = bin_dir / "sacct"
+    sacct.write_text(f"#!/bin/sh\nprintf '%s\\n' '{output}'\n")
+    sacct.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+@pytest.mark.parametrize(
+    ("sacct", "expected"),
+    [
+        ("TIMEOUT", "TIMEOUT"),
+        ("CANCELLED by 0", "CANCELLED"),
+        ("OUT_OF_MEMORY", "OUT_OF_MEMORY"),
+        ("NODE_FAIL", "NODE_FAIL"),
+        ("FAILED", "FAILED"),
+    ],
+)
+def test_wait_reports_slurm_end_states(tmp_path: Path, monkeypatch, sacct, expected):
+    """nemo-run (torchx) says FAILED for a time limit, a cancel or an OOM kill alike; sacct
+    tells them apart."""
+    from megatron_pr2.launch import nemo
+
+    _fake_sacct(tmp_path, monkeypatch, sacct)
+    monkeypatch.setattr(
+        nemo, "job_status", lambda exp_id, home: {"status": "FAILED", "job_id": "7"}
+    )
+    assert nemo.wait_for_job("e", tmp_path, timeout_s=5, poll_s=0) == expected
+
+
+def test_wait_keeps_nemo_runs_state_without_sacct(tmp_path: Path, monkeypatch):
+    from megatron_pr2.launch import nemo
+
+    _fake_sacct(tmp_path, monkeypatch, "RUNNING")  # not an end state: ignored
+    monkeypatch.setattr(
+        nemo, "job_status", lambda exp_id, home: {"status": "FAILED", "job_id": "7"}
+    )
+    assert nemo.wait_for_job("e", tmp_path, timeout_s=5, poll_s=0) == "FAILED"
+    monkeypatch.setattr(
+        nemo, "job_status", lambda exp_id, home: {"status": "FAILED", "job_id": "local-x"}
+    )
+    assert nemo.wait_for_job("e", tmp_path, timeout_s=5, poll_s=0) == "FAILED"
+
+
+def test_wait_failure_prints_the_log_path(tmp_path: Path, monkeypatch, capsys):
+    """``pr2 launch --wait``: a failed job's status line is followed by its log files."""
+    import sys
+    import types
+
+    from megatron_pr2.commands import launch as command
+    from megatron_pr2.launch import nemo
+
+    home = tmp_path / "home"
+    exp_dir = home / "experiments" / "pr2-tiny" / "pr2-tiny_1"
+    log = exp_dir / "train" / "log-pr2-tiny.train_7_0.out"
+    log.parent.mkdir(parents=True)
+    log.write_text("Traceback ...\n")
+    (exp_dir / "train" / "code").mkdir()
+    (exp_dir / "train" / "code" / "log-not-this.out").write_text("")
+    monkeypatch.setitem(sys.modules, "nemo_run", types.ModuleType("nemo_run"))
+
+    def fake_launch(recipe, spec, *, name, **kwargs):
+        config = nemo.write_trainer_config(recipe, home, name)
+        return nemo.LaunchResult(exp_id="pr2-tiny_1", config_path=config)
+
+    monkeypatch.setattr(nemo, "launch", fake_launch)
+    monkeypatch.setattr(nemo, "wait_for_job", lambda exp_id, home, timeout_s: "TIMEOUT")
+    monkeypatch.setattr(nemo, "job_status", lambda exp_id, home: {"job_id": "7"})
+    parser = argparse.ArgumentParser()
+    command.register(parser.add_subparsers())
+    recipe = str(RECIPES / "tiny" / "slurm_2nodes.yaml")
+    args = parser.parse_args(
+        ["launch", recipe, "--job-dir", str(home), "--job-name", "pr2-tiny", "--wait"]
+    )
+    assert command.run(args) == 1
+    out = capsys.readouterr().out
+    assert "experiment pr2-tiny_1: TIMEOUT (job 7)" in out
+    assert f"  log: {log}" in out.splitlines()
+    assert "log-not-this" not in out
+    assert f"metrics {home}/runs/pr2-tiny/logs/tiny_slurm/metrics.jsonl" in out

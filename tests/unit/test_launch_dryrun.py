@@ -303,3 +303,44 @@ def test_sbatch_resource_keys(tmp_path: Path):
         "#SBATCH --exclusive=user",
         "#SBATCH --mem=500G",
     ]
+
+
+def test_refused_submission_is_one_line(tmp_path: Path):
+    """A bad partition: ``pr2 launch`` prints sbatch's own message on one line and exits 1,
+    without nemo-run's log block or invoke's traceback (an ``sbatch`` stand-in refuses)."""
+    import subprocess
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sbatch = bin_dir / "sbatch"
+    sbatch.write_text(
+        "#!/bin/sh\n"
+        "echo 'sbatch: error: invalid partition specified: nope' >&2\n"
+        "echo 'sbatch: error: Batch job submission failed: Invalid partition name specified' >&2\n"
+        "exit 1\n"
+    )
+    sbatch.chmod(0o755)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from megatron_pr2.cli import main; main()",
+            "launch",
+            str(RECIPES / "tiny" / "slurm_2nodes.yaml"),
+            "--partition",
+            "nope",
+            "--job-dir",
+            str(tmp_path / "home"),
+        ],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"},
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines() == [
+        "pr2 launch: sbatch failed (exit 1): sbatch: error: invalid partition specified: nope"
+        " | sbatch: error: Batch job submission failed: Invalid partition name specified"
+    ], done.stderr[-3000:]
