@@ -34,15 +34,26 @@ from megatron_pr2.convert.safetensors_io import PREDICTOR_FILE, ShardedSafetenso
 EXPERT_LAYOUTS = ("per_expert", "fused")
 
 
+def _load_error(ckpt_dir: Path, what: str, exc: BaseException) -> ConversionError:
+    """One line for a failed read: the damaged file when one explains it, else the last line
+    of megatron's/torch's message (their multi-line text ends with the reason)."""
+    from megatron_pr2.models.checkpoint_files import find_damaged_file
+
+    problem = find_damaged_file(ckpt_dir)
+    if problem is not None:
+        return ConversionError(problem)
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reason = lines[-1] if lines else type(exc).__name__
+    return ConversionError(f"{ckpt_dir}: cannot {what}: {reason}")
+
+
 def _checkpoint_has_predictor(ckpt_dir: Path) -> bool:
     from megatron.core import dist_checkpointing
 
     try:
         keys = dist_checkpointing.load_tensors_metadata(str(ckpt_dir)).keys()
     except Exception as exc:  # megatron raises several types for a missing/corrupt checkpoint
-        raise ConversionError(
-            f"{ckpt_dir}: cannot read the dist checkpoint metadata ({exc})"
-        ) from None
+        raise _load_error(ckpt_dir, "read the dist checkpoint metadata", exc) from None
     return any("evolution_predictor" in k for k in keys)
 
 
@@ -64,9 +75,7 @@ def load_chunks(ckpt_dir: Path, description: ModelDescription) -> list:
     try:
         loaded = dist_checkpointing.load(state, str(ckpt_dir))
     except (Exception, CheckpointException) as exc:  # torch's is a BaseException
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        reason = lines[-1] if lines else type(exc).__name__
-        raise ConversionError(f"{ckpt_dir}: cannot load the checkpoint: {reason}") from None
+        raise _load_error(ckpt_dir, "load the checkpoint", exc) from None
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded[checkpoint_state_key(len(chunks), i)])
     return chunks

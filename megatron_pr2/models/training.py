@@ -124,7 +124,22 @@ def load_checkpoint(
     setup: TrainingSetup, directory: str | Path, load_optimizer: bool = True
 ) -> None:
     """Load a checkpoint saved in any layout. Predictor weights missing from it (a base
-    model's checkpoint) stay at their zero init, with a warning; anything else missing fails."""
+    model's checkpoint) stay at their zero init, with a warning; anything else missing fails.
+    A missing, truncated or corrupt file is a :class:`CheckpointFileError` naming it."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from megatron_pr2.models.checkpoint_files import loading_error
+
+    try:
+        _load_checkpoint(setup, directory, load_optimizer)
+    except (Exception, CheckpointException) as exc:  # torch's is a BaseException
+        error = loading_error(directory, exc)
+        if error is None:
+            raise
+        raise error from None
+
+
+def _load_checkpoint(setup: TrainingSetup, directory: str | Path, load_optimizer: bool) -> None:
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     state = _model_sharded_state_dict(setup)
@@ -146,7 +161,7 @@ def load_checkpoint(
         warnings.warn(
             f"checkpoint {directory} has no predictor weights ({len(missing_predictor)} tensors); "
             "they start at zero (PR2 behaves as R2 until trained); optimizer state not loaded",
-            stacklevel=2,
+            stacklevel=3,  # the caller of load_checkpoint
         )
 
 
@@ -161,7 +176,7 @@ def _unused_predictor_keys(state: dict, directory: str | Path) -> list[str]:
         warnings.warn(
             f"checkpoint {directory}: predictor weights ignored (this replay mode has no "
             f"predictor): {sorted(unused)}",
-            stacklevel=3,
+            stacklevel=4,
         )
         return unused
     return []
