@@ -1,7 +1,8 @@
 """``pr2 check-recipe RECIPE [key=value ...] [--variant NAME]``: validate a recipe before a launch.
 
 Checks the recipe against its model's HF config shape and its cluster's world size, and prints
-a per-GPU memory estimate (formulas: :mod:`megatron_pr2.recipes.check`). Exit code 1 when any
+a per-GPU memory estimate: params, grads, optimizer, activations with and without recompute,
+logits (formulas: :mod:`megatron_pr2.recipes.check`). Exit code 1 when any
 check fails, so CI and ``pr2 launch`` can stop before a job is queued.
 """
 

@@ -11,10 +11,11 @@ Checks (each failure is one message naming the keys involved):
   ``ETP`` divides the expert FFN; ``TP`` divides the dense FFN; ``2*CP`` divides the sequence
   length; MoE with ``TP > 1`` and ``EP > 1`` needs ``sequence_parallel`` (megatron says so);
 * batch vs data parallel: every DP rank gets whole micro-batches of each mini-batch;
-* sequence length fits the model's positions, and the static memory fits ``gpu_memory_gb``.
+* sequence length fits the model's positions, and the static memory fits ``gpu_memory_gb``
+  (an error); static memory plus activations and logits over ``gpu_memory_gb`` is a warning.
 
-Memory estimate per GPU (bytes; the worst pipeline stage; activations, the KV cache of the
-rollout engine and allocator slack are *not* included). With ``DP = W/(TP*PP*CP)``,
+Static memory estimate per GPU (bytes; the worst pipeline stage; the KV cache of the rollout
+engine and allocator slack are *not* included). With ``DP = W/(TP*PP*CP)``,
 ``EDP = W/(ETP*EP*PP)``, ``L_s = ceil(moe_layers/PP)``:
 
 * ``P_dense = (non_expert_params - embeddings) / (PP*TP) + embeddings_on_stage / TP`` (first stage
@@ -34,6 +35,8 @@ rollout engine and allocator slack are *not* included). With ``DP = W/(TP*PP*CP)
   signed integer that holds ``N - 1``;
 * feature cache (PR2 only; host): ``min(keep * T, cache_tokens_per_step) * L_s * (H + N) * c``
   with ``c`` the bytes of ``cache_dtype``.
+
+Activations and logits of the training forward/backward: :func:`estimate_activations`.
 """
 
 from __future__ import annotations
@@ -56,7 +59,15 @@ from megatron_pr2.recipes.models import (
     shape_from_policy,
 )
 
-__all__ = ["CheckResult", "Layout", "MemoryEstimate", "check_recipe", "format_result"]
+__all__ = [
+    "Activations",
+    "CheckResult",
+    "Layout",
+    "MemoryEstimate",
+    "check_recipe",
+    "estimate_activations",
+    "format_result",
+]
 
 GIB = 1024**3
 _SHAPE_KEYS = (  # policy key -> ModelShape attribute
@@ -107,10 +118,33 @@ class MemoryEstimate:
     device: dict[str, float] = field(default_factory=dict)
     host: dict[str, float] = field(default_factory=dict)
     tokens_per_rank: int = 0
+    activations: Activations | None = None
 
     @property
     def device_total(self) -> float:
+        """Static device memory (weights, grads, optimizer, predictor, route payloads)."""
         return sum(self.device.values())
+
+    def peak(self, recompute: bool = False) -> float:
+        """Static memory plus the training step's activations and logits."""
+        if self.activations is None:
+            return self.device_total
+        act = self.activations
+        layers = act.with_recompute if recompute else act.without_recompute
+        return self.device_total + layers + act.logits
+
+
+@dataclass
+class Activations:
+    """Bytes per GPU of one training step's live tensors (:func:`estimate_activations`)."""
+
+    micro_batch_tokens: int  # T: tokens of one micro-batch on a rank (after CP)
+    in_flight: int  # micro-batches whose activations are alive at once (1F1B: min(PP, M))
+    layers: int  # L_s: layers on the stage
+    per_layer: float  # bytes of one layer for one micro-batch, no recompute
+    without_recompute: float
+    with_recompute: float
+    logits: float
 
 
 @dataclass
@@ -273,6 +307,85 @@ def estimate_memory(shape: ModelShape, lay: Layout, recipe: Recipe, mode: str) -
     return est
 
 
+def _layer_activation_bytes(shape: ModelShape, lay: Layout, tokens: int, moe: bool) -> float:
+    """Bytes one layer keeps for backward, for ``tokens`` tokens (see estimate_activations)."""
+    h, a = shape.hidden_size, shape.num_attention_heads
+    q, kv, out = shape.attention_widths()
+    sp = lay.tp if lay.sequence_parallel else 1
+    t_sp = tokens / sp  # tokens of the sequence-parallel shard
+    attention = t_sp * 4 * h + tokens * (2 * (q + kv + out) + 4 * a) / lay.tp
+    pre_mlp_norm = t_sp * 4 * h
+    if not moe:
+        return attention + pre_mlp_norm + tokens * 6 * shape.dense_ffn_hidden_size / lay.tp
+    n, k, i_moe = shape.num_experts, shape.topk, shape.moe_ffn_hidden_size
+    router = t_sp * 8 * n
+    experts = k * t_sp * lay.etp * (4 * h + 6 * i_moe / lay.etp)
+    shared = tokens * 6 * shape.shared_expert_ffn_hidden_size / lay.tp
+    return attention + pre_mlp_norm + router + experts + shared
+
+
+def estimate_activations(shape: ModelShape, lay: Layout, recipe: Recipe) -> Activations:
+    """Activation and logits bytes per GPU of one training step (the worst pipeline stage).
+
+    Assumptions: bf16 activations (2 B), fp32 where megatron keeps fp32 (router logits and
+    probabilities, the softmax log-sum-exp), flash attention (no ``S x S`` scores), no dropout
+    masks, balanced routing (every rank gets its share of the ``k`` expert copies of a token),
+    SwiGLU FFNs. Per micro-batch, a rank holds ``T = micro_batch_size x S / CP`` tokens
+    (``S = policy.max_total_sequence_length``); ``s = TP`` with sequence parallelism, else 1.
+
+    Bytes one layer keeps for backward:
+
+    * attention: ``T/s x 4H`` (norm input and output) ``+ T x (2(q + kv + o) + 4a) / TP``
+      (Q, K+V, the core attention output o, fp32 log-sum-exp per head a; heads split by TP);
+    * before the MLP: ``T/s x 4H`` (residual sum and norm output);
+    * dense MLP layer: ``T x 6F / TP`` (fc1 output 2 x 2F, activation output 2F);
+    * MoE layer: router ``T/s x 8N`` (fp32 logits and probabilities), routed experts
+      ``k x T/s x ETP x (4H + 6 I/ETP)`` (permuted input 2H, fc1 output 4I, activation 2I,
+      fc2 output 2H, for the top-k copies of each token; ETP ranks gather their shards),
+      shared experts ``T x 6 I_shared / TP``.
+
+    Pipeline: 1F1B keeps ``min(PP, M)`` micro-batches alive on the first stage (``M``
+    micro-batches per optimizer mini-step and DP rank), each with ``L_s = ceil(L/PP)`` layers;
+    interleaving (VPP) is not modelled. ``without_recompute = min(PP, M) x L_s x A_layer``.
+    Full recompute keeps only each layer's input, ``T/s x 2H``, and rebuilds one layer at a
+    time in backward: ``with_recompute = min(PP, M) x L_s x T/s x 2H + A_layer``.
+
+    Logits (last stage): ``T x V/TP x 4 B`` fp32 logits plus the same again for the fp32
+    softmax (log-probabilities) computed from them; recompute does not shrink them. The worst
+    stage is taken as first-stage activations plus last-stage logits (exact at PP = 1).
+    """
+    seq = int(recipe.get("policy.max_total_sequence_length") or 0)
+    mbs = int(recipe.get("policy.micro_batch_size") or 1)
+    tokens = math.ceil(mbs * seq / lay.cp)
+    grpo = recipe.section("grpo")
+    batch = int(grpo.get("num_prompts_per_step", 1)) * int(
+        grpo.get("num_generations_per_prompt", 1)
+    )
+    mini = batch // max(1, int(grpo.get("off_policy_steps", 1)))
+    micro_batches = max(1, mini // max(1, lay.dp * mbs))
+    in_flight = min(lay.pp, micro_batches)
+    layers = math.ceil(shape.num_layers / lay.pp)
+    moe_share = shape.moe_layers / shape.num_layers if shape.num_layers else 0.0
+    per_layer = moe_share * _layer_activation_bytes(shape, lay, tokens, True) + (
+        1 - moe_share
+    ) * _layer_activation_bytes(shape, lay, tokens, False)
+    biggest = max(
+        _layer_activation_bytes(shape, lay, tokens, shape.moe_layers > 0),
+        _layer_activation_bytes(shape, lay, tokens, shape.moe_layers == shape.num_layers),
+    )
+    sp = lay.tp if lay.sequence_parallel else 1
+    kept_inputs = in_flight * layers * tokens / sp * 2 * shape.hidden_size
+    return Activations(
+        micro_batch_tokens=tokens,
+        in_flight=in_flight,
+        layers=layers,
+        per_layer=per_layer,
+        without_recompute=in_flight * layers * per_layer,
+        with_recompute=kept_inputs + biggest,
+        logits=tokens * shape.vocab_size / lay.tp * 4 * 2,
+    )
+
+
 def check_recipe(recipe: Recipe, cluster_flags: dict[str, Any] | None = None) -> CheckResult:
     """Run every check; never raises for a bad recipe, returns the messages instead."""
     result = CheckResult()
@@ -339,6 +452,7 @@ def check_recipe(recipe: Recipe, cluster_flags: dict[str, Any] | None = None) ->
     if errors:
         return result
     result.memory = estimate_memory(shape, lay, recipe, mode)
+    result.memory.activations = estimate_activations(shape, lay, recipe)
     cap = result.cluster.gpu_memory_gb
     if cap and result.cluster.uses_gpus:
         used = result.memory.device_total / GIB
@@ -347,10 +461,21 @@ def check_recipe(recipe: Recipe, cluster_flags: dict[str, Any] | None = None) ->
                 f"static memory {used:.1f} GiB per GPU exceeds cluster.gpu_memory_gb={cap} "
                 "before activations: raise PP/EP or the node count"
             )
-        elif used > 0.8 * cap:
-            warn.append(
-                f"static memory {used:.1f} GiB is over 80% of {cap} GiB; activations come on top"
-            )
+        else:
+            plain = result.memory.peak(recompute=False) / GIB
+            recomputed = result.memory.peak(recompute=True) / GIB
+            if plain > cap:
+                fix = (
+                    f"full activation recompute would bring it to {recomputed:.1f} GiB"
+                    + (" (fits)" if recomputed <= cap else " (still too much)")
+                    + "; or raise TP/CP/PP, or shorten the sequences"
+                )
+                warn.append(
+                    f"static memory + activations + logits = {plain:.1f} GiB per GPU exceeds "
+                    f"cluster.gpu_memory_gb={cap} (no recompute); {fix}"
+                )
+            elif used > 0.8 * cap:
+                warn.append(f"static memory {used:.1f} GiB is over 80% of {cap} GiB")
     return result
 
 
@@ -377,14 +502,24 @@ def format_result(recipe: Recipe, result: CheckResult) -> str:
         lines.append(f"  layout   {result.layout.describe()}")
     if result.memory is not None:
         mem = result.memory
-        lines.append(
-            f"  memory per GPU (static, no activations; {mem.tokens_per_rank} tokens/rank/step):"
-        )
+        lines.append(f"  memory per GPU ({mem.tokens_per_rank} tokens/rank/step):")
         for key, value in mem.device.items():
-            lines.append(f"    {key:<32}{_fmt(value)}")
-        lines.append(f"    {'total (device)':<32}{_fmt(mem.device_total)}")
+            lines.append(f"    {key:<40}{_fmt(value)}")
+        lines.append(f"    {'static total':<40}{_fmt(mem.device_total)}")
+        act = mem.activations
+        if act is not None:
+            where = (
+                f"{act.micro_batch_tokens} tokens/micro-batch x {act.layers} layers"
+                f" x {act.in_flight} in flight"
+            )
+            lines.append(f"    activations ({where}):")
+            lines.append(f"    {'  no recompute':<40}{_fmt(act.without_recompute)}")
+            lines.append(f"    {'  full recompute':<40}{_fmt(act.with_recompute)}")
+            lines.append(f"    {'logits (fp32 + fp32 softmax copy)':<40}{_fmt(act.logits)}")
+            lines.append(f"    {'total, no recompute':<40}{_fmt(mem.peak(False))}")
+            lines.append(f"    {'total, full recompute':<40}{_fmt(mem.peak(True))}")
         for key, value in mem.host.items():
-            lines.append(f"    {key + ' (host)':<32}{_fmt(value)}")
+            lines.append(f"    {key + ' (host)':<40}{_fmt(value)}")
     for message in result.warnings:
         lines.append(f"  warning: {message}")
     for message in result.errors:

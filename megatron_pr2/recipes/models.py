@@ -109,6 +109,17 @@ class ModelShape:
     tie_word_embeddings: bool
     attention_params_per_layer: int
     router_bias: bool  # sigmoid / noaux_tc expert bias (one float per expert)
+    # attention widths, for the activation estimate (0: MHA defaults from hidden and groups)
+    q_width: int = 0  # query projection output (heads x q head dim)
+    kv_width: int = 0  # key + value projection outputs together
+    attn_out_width: int = 0  # core attention output = output projection input
+
+    def attention_widths(self) -> tuple[int, int, int]:
+        """``(q, k + v, attention output)`` widths of one token."""
+        h = self.hidden_size
+        q = self.q_width or h
+        kv = self.kv_width or 2 * h * self.num_query_groups // self.num_attention_heads
+        return q, kv, self.attn_out_width or q
 
     @property
     def dense_layers(self) -> int:
@@ -209,6 +220,8 @@ def shape_from_hf(cfg: Mapping[str, Any]) -> ModelShape:
         )
         router_bias = str(cfg.get("topk_method", "")) == "noaux_tc"
         query_groups = heads
+        # MLA: per-head keys and values after the up-projection, plus the compressed latent
+        widths = (heads * (nope + rope), heads * (nope + v_dim) + kv_rank + rope, heads * v_dim)
     elif kind in ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral"):
         experts = int(_need(cfg, "num_experts", "num_local_experts"))
         sparse_step = int(cfg.get("decoder_sparse_step") or 1)
@@ -227,6 +240,7 @@ def shape_from_hf(cfg: Mapping[str, Any]) -> ModelShape:
             attn += heads * head_dim + kv_heads * head_dim  # q/k RMSNorm over all heads
         router_bias = False
         query_groups = kv_heads
+        widths = (heads * head_dim, 2 * kv_heads * head_dim, heads * head_dim)
     else:
         raise ValueError(
             f"model_type {kind!r} is not supported "
@@ -249,6 +263,9 @@ def shape_from_hf(cfg: Mapping[str, Any]) -> ModelShape:
         tie_word_embeddings=tie,
         attention_params_per_layer=attn,
         router_bias=router_bias,
+        q_width=widths[0],
+        kv_width=widths[1],
+        attn_out_width=widths[2],
     )
 
 

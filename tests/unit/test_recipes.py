@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megatron_pr2.recipes.check import GIB, check_recipe, estimate_memory, format_result
+from megatron_pr2.recipes.check import (
+    GIB,
+    Layout,
+    check_recipe,
+    estimate_activations,
+    estimate_memory,
+    format_result,
+)
 from megatron_pr2.recipes.loader import RecipeError, load_recipe, trainer_values
 from megatron_pr2.recipes.models import KNOWN_HF_CONFIGS, shape_from_hf
 
@@ -274,3 +281,52 @@ def test_cli_exit_codes(capsys):
     assert command.run(bad) == 1
     err = capsys.readouterr().err
     assert "does not divide the 128 routed experts" in err and "FAILED" in err
+
+
+def test_activation_and_logits_estimate_by_hand():
+    """Qwen3-30B-A3B, one 18K-token sequence per micro-batch, TP1/PP1/CP1: the formulas of
+    ``estimate_activations``' docstring, recomputed here; on 80 GB the step does not fit
+    without recompute (a warning naming the recompute total), while the static part does."""
+    recipe, result = _check(QWEN, "cluster.gpu_memory_gb=80")
+    assert result.ok, format_result(recipe, result)
+    act = result.memory.activations
+    t, h, a, n, k, i, v = 18432, 2048, 32, 128, 8, 768, 151936
+    q, kv, o = 32 * 128, 2 * 4 * 128, 32 * 128
+    attention = t * 4 * h + t * (2 * (q + kv + o) + 4 * a)
+    moe = t * 4 * h + t * 8 * n + k * t * (4 * h + 6 * i)
+    assert act.per_layer == pytest.approx(attention + moe)
+    assert 2 * GIB < act.per_layer < 3 * GIB  # "2-3 GB per layer"
+    assert (act.micro_batch_tokens, act.layers, act.in_flight) == (t, 48, 1)
+    assert act.without_recompute == pytest.approx(48 * act.per_layer)
+    assert act.with_recompute == pytest.approx(48 * t * 2 * h + act.per_layer)
+    assert act.logits == t * v * 4 * 2  # fp32 logits ~11 GB, plus the fp32 softmax copy
+    mem = result.memory
+    assert mem.peak(False) == pytest.approx(mem.device_total + act.without_recompute + act.logits)
+    assert mem.peak(True) < 80 * GIB < mem.peak(False)
+    assert any(
+        "exceeds cluster.gpu_memory_gb=80 (no recompute)" in w and "(fits)" in w
+        for w in result.warnings
+    ), result.warnings
+    report = format_result(recipe, result)
+    for label in ("weights (bf16)", "grads (fp32)", "optimizer", "no recompute", "logits"):
+        assert label in report, report
+    _, roomy = _check(QWEN, "cluster.gpu_memory_gb=1000")
+    assert not [w for w in roomy.warnings if "exceeds" in w]
+
+
+def test_activation_estimate_divides_by_the_layout():
+    """TP splits the heads and the vocabulary, SP the rest, CP the sequence, PP the layers
+    (with PP micro-batches in flight under 1F1B)."""
+    _, base = _check(QWEN)
+    _, split = _check(QWEN, variants=("off8", "nodes8"))  # TP2 PP2 EP8 ETP1 SP, 64 GPUs
+    one, two = base.memory.activations, split.memory.activations
+    assert (two.layers, two.in_flight) == (24, 2)
+    assert two.logits == pytest.approx(one.logits / 2)
+    # every term halves under TP2 + SP, except the ETP1 experts' own share (k x T/2 x 4H...)
+    assert one.per_layer / 2 <= two.per_layer < one.per_layer
+    # CP (refused by this trainer, so straight to the formula): half the tokens per rank
+    recipe = load_recipe(QWEN)
+    cp = estimate_activations(base.shape, Layout(world=32, ep=8, cp=2), recipe)
+    assert cp.micro_batch_tokens == 18432 // 2
+    assert cp.logits == pytest.approx(one.logits / 2)
+    assert cp.per_layer == pytest.approx(one.per_layer / 2)
