@@ -79,3 +79,47 @@ def with_replay_router(
     if count == 0:
         raise ValueError(f"no MoE layer found in spec {type(spec).__name__}; nothing to replay")
     return rewritten
+
+
+def _with_layer_class(spec: Any, layer_cls: type) -> tuple[Any, int]:
+    """Return (spec with every MoE layer built as ``layer_cls``, number of layers replaced)."""
+    if isinstance(spec, functools.partial):  # 0.19: partial(MoELayer, submodules=...)
+        if _is_moe_layer(spec.func):
+            return functools.partial(layer_cls, *spec.args, **spec.keywords), 1
+        return spec, 0
+    if isinstance(spec, ModuleSpec):  # 0.16: ModuleSpec(module=MoELayer, ...)
+        if _is_moe_layer(spec.module):
+            return dataclasses.replace(spec, module=layer_cls), 1
+        if spec.submodules is None:
+            return spec, 0
+        submodules, n = _with_layer_class(spec.submodules, layer_cls)
+        return (dataclasses.replace(spec, submodules=submodules), n) if n else (spec, 0)
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        changes: dict[str, Any] = {}
+        total = 0
+        for field in dataclasses.fields(spec):
+            value = getattr(spec, field.name)
+            if isinstance(value, list):
+                rewritten = [_with_layer_class(item, layer_cls) for item in value]
+                count = sum(n for _, n in rewritten)
+                if count:
+                    changes[field.name] = [s for s, _ in rewritten]
+            else:
+                new_value, count = _with_layer_class(value, layer_cls)
+                if count:
+                    changes[field.name] = new_value
+            total += count
+        return (dataclasses.replace(spec, **changes), total) if total else (spec, 0)
+    return spec, 0
+
+
+def with_planned_dispatch(spec: Any) -> Any:
+    """Copy of a decoder-block / layer / MoE spec whose MoE layers are
+    :class:`~megatron_pr2.patch.dispatcher.ReplayMoELayer` (all-to-all sizes from a replay
+    plan, see ``replay.dispatch_plan``). Composes with :func:`with_replay_router`."""
+    from megatron_pr2.patch.dispatcher import ReplayMoELayer
+
+    rewritten, count = _with_layer_class(spec, ReplayMoELayer)
+    if count == 0:
+        raise ValueError(f"no MoE layer found in spec {type(spec).__name__}; nothing to plan")
+    return rewritten

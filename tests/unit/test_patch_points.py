@@ -159,3 +159,59 @@ def test_megatron_leaves_te_general_gemm_unbound_exactly_before_the_fixed_versio
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout.split()[-1]
     assert out == str(megatron_core_version() >= TE_GENERAL_GEMM_FIXED_IN)
+
+
+# ---------------------------------------------------------------- patch point 3: dispatcher
+def test_planned_dispatch_spec_builds_replay_moe_layers_with_both_patches(world1):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    from megatron_pr2.patch.dispatcher import ReplayMoELayer
+    from megatron_pr2.patch.spec import with_planned_dispatch
+
+    config = moe_transformer_config()
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
+    rewritten = with_planned_dispatch(with_replay_router(spec, RouterReplayConfig(mode="r2")))
+    for layer in rewritten.layer_specs:
+        mlp = layer.submodules.mlp
+        module = mlp.func if isinstance(mlp, functools.partial) else mlp.module
+        submodules = (
+            mlp.keywords["submodules"] if isinstance(mlp, functools.partial) else mlp.submodules
+        )
+        assert module is ReplayMoELayer
+        assert submodules.router.func is ReplayTopKRouter  # the router patch survives
+
+
+def test_alltoall_preprocess_sets_what_the_planned_dispatcher_sets(world1):
+    """Patch point 3 replaces ``MoEAlltoAllTokenDispatcher.preprocess``: megatron's version must
+    still set exactly the attributes the plan sets, and the two must agree on a routing map."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.moe import token_dispatcher as td
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from megatron_pr2.patch.dispatcher import PREPROCESS_ATTRIBUTES
+    from megatron_pr2.replay.dispatch_plan import DispatchSlot
+    from megatron_pr2.routes.dispatch_counts import DispatchTopology, derive_splits, route_counts
+
+    source = inspect.getsource(td.MoEAlltoAllTokenDispatcher.preprocess)
+    for name in PREPROCESS_ATTRIBUTES:
+        if name != "cuda_sync_point":
+            assert f"self.{name} =" in source, name
+    assert "gather_from_sequence_parallel_region" in source
+    assert "_maybe_dtoh_and_synchronize" in inspect.getsource(td.MoEAlltoAllTokenDispatcher)
+    assert "padding_mask" in inspect.signature(MoELayer.route).parameters
+
+    pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+    dispatcher = td.MoEAlltoAllTokenDispatcher(
+        8, list(range(8)), config=moe_transformer_config(), pg_collection=pg_collection
+    )
+    routes = torch.rand(20, 8).argsort(dim=1)[:, :2]
+    routing_map = torch.zeros(20, 8, dtype=torch.bool).scatter(1, routes, True)
+    expected = dispatcher.preprocess(routing_map)
+    topo = DispatchTopology(8, 2, 1, 1, 0, 0, 8, 0)
+    splits = derive_splits(route_counts([routes], 8, [False]).numpy()[None], [20], topo)
+    sizes = DispatchSlot(1, splits)._decide(0, 20, True, False)
+    assert expected.tolist() == sizes.tokens_per_local_expert.tolist()
+    assert dispatcher.num_global_tokens_per_local_expert.tolist() == (
+        sizes.global_tokens_per_local_expert.tolist()
+    )
+    assert dispatcher.num_out_tokens == 40

@@ -1,0 +1,150 @@
+"""Dispatch plans (world 1 and pure math): planned all-to-all sizes equal megatron's own."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_pr2.routes.dispatch_counts import (
+    UNPLANNED,
+    DispatchTopology,
+    derive_splits,
+    route_counts,
+)
+
+
+def _topology(ep: int, tp: int, ep_rank: int, tp_rank: int, experts: int = 8) -> DispatchTopology:
+    nle = experts // ep
+    return DispatchTopology(
+        num_experts=experts,
+        topk=2,
+        ep_size=ep,
+        tp_size=tp,
+        tp_rank=tp_rank,
+        local_expert_start=ep_rank * nle,
+        num_local_experts=nle,
+        group_rank=ep_rank * tp + tp_rank,
+    )
+
+
+def test_route_counts_marks_fallback_and_missing_routes():
+    routes = [
+        torch.tensor([[0, 1], [1, 3]]),
+        torch.tensor([[0, 1], [-1, -1]]),
+        None,
+    ]
+    counts = route_counts(routes, 4, [False, None, True])
+    assert counts[0].tolist() == [1, 2, 0, 1]
+    assert (counts[1] == UNPLANNED).all() and (counts[2] == UNPLANNED).all()
+
+
+@pytest.mark.parametrize("ep,tp", [(2, 1), (2, 2), (1, 2), (4, 1)])
+def test_derive_splits_matches_per_rank_definition(ep, tp):
+    """Every size from its definition, rank by rank (the meaning megatron gives them)."""
+    gen = np.random.default_rng(0)
+    experts, microbatches = 8, 3
+    gathered = gen.integers(0, 9, size=(ep * tp, microbatches, experts))
+    nle = experts // ep
+    for ep_rank in range(ep):
+        for tp_rank in range(tp):
+            topo = _topology(ep, tp, ep_rank, tp_rank, experts)
+            me = ep_rank * tp + tp_rank
+            splits = derive_splits(gathered, np.full(microbatches, 5), topo)
+            local = slice(ep_rank * nle, (ep_rank + 1) * nle)
+            for mb in range(microbatches):
+                counts = gathered[:, mb]  # [group rank, E]
+                # I send to EP rank j the tokens of j's experts.
+                sent = [counts[me, j * nle : (j + 1) * nle].sum() for j in range(ep)]
+                # From EP rank j I receive what (ep j, my tp rank) sends to my experts.
+                received = [counts[j * tp + tp_rank, local].sum() for j in range(ep)]
+                # From TP rank t, what its EP peers sent to my experts in total.
+                from_tp = [
+                    sum(counts[j * tp + t, local].sum() for j in range(ep)) for t in range(tp)
+                ]
+                assert splits.input_splits[mb].tolist() == sent
+                assert splits.output_splits[mb].tolist() == received
+                assert splits.output_splits_tp[mb].tolist() == from_tp
+                assert (
+                    splits.tokens_per_local_expert[mb].tolist() == counts[:, local].sum(0).tolist()
+                )
+                rows = [counts[j * tp + t, local] for t in range(tp) for j in range(ep)]
+                assert splits.global_tokens_per_local_expert[mb].tolist() == np.stack(rows).tolist()
+
+
+def test_derive_splits_unplanned_on_one_rank_unplans_the_group():
+    gathered = np.ones((2, 2, 8), dtype=np.int64)
+    gathered[1, 1] = UNPLANNED
+    splits = derive_splits(gathered, np.array([4, 4]), _topology(2, 1, 0, 0))
+    assert splits.planned.tolist() == [True, False]
+
+
+# ---------------------------------------------------------------- world 1, real megatron-core
+@pytest.mark.parametrize("mode", ["r3", "r2"])
+def test_planned_dispatch_identical_world1(world1, mode):
+    from tests.support import dispatch_harness as d
+
+    stats = d.check_planned_matches_megatron(mode)
+    assert stats["dispatch/planned"] == 4 * 3  # 4 MoE layers x 3 microbatches
+    assert stats["megatron/host_sync"] == 4 * 3
+
+
+def test_planned_dispatch_with_full_recompute_world1(world1):
+    from tests.support import dispatch_harness as d
+
+    stats = d.check_planned_matches_megatron("r3", **d.h.RECOMPUTE["full"])
+    assert stats["dispatch/planned"] == 2 * 4 * 3  # forward and recompute
+
+
+def _planned_setup(num_microbatches: int = 2):
+    from megatron_pr2.replay.dispatch_plan import DispatchPlanner
+    from megatron_pr2.replay.session import ReplaySession
+    from tests.support import dispatch_harness as d
+
+    chunks = d.build_planned("r3")
+    session, planner = ReplaySession(chunks), DispatchPlanner(chunks)
+    batches = d.h.make_batches(num_microbatches)
+    return d, chunks, session, planner, batches
+
+
+def test_a_wrong_plan_changes_the_result(world1):
+    """Negative control: one count moved between two experts must show in the outputs."""
+    d, chunks, session, planner, batches = _planned_setup()
+    routes = d.h.random_routes(len(batches))
+    plan = planner.build(routes)
+    ref_out, _, _ = d.replay_pass(chunks, session, batches, routes, planner, plan)
+    splits = plan.layers[planner.layers[0]]
+    counts = splits.tokens_per_local_expert[0]
+    src = int(torch.argmax(counts))
+    dst = (src + 1) % len(counts)
+    for table in (counts, splits.global_tokens_per_local_expert[0][0]):
+        table[src] -= 1
+        table[dst] += 1
+    out, _, _ = d.replay_pass(chunks, session, batches, routes, planner, plan)
+    assert d.max_diff(ref_out, out) > 1e-4
+
+
+def test_partial_routes_fall_back_to_megatron(world1):
+    d, chunks, session, planner, batches = _planned_setup(3)
+    routes = d.h.random_routes(len(batches))
+    first = planner.layers[0]
+    routes[first][1] = routes[first][1].clone()
+    routes[first][1][0] = -1  # one live row: that (layer, microbatch) cannot be planned
+    plan = planner.build(routes)
+    assert not plan.layers[first].planned[1]
+    ref_out, ref_grads, _ = d.replay_pass(chunks, session, batches, routes)
+    planner.take_stats()
+    out, grads, counts = d.replay_pass(chunks, session, batches, routes, planner, plan)
+    assert planner.take_stats() == {"dispatch/partial_routes": 1, "dispatch/planned": 11}
+    assert counts["host_sync"] == 1
+    assert d.max_diff(ref_out, out) <= 1e-6
+    assert d.h.max_grad_diff(ref_grads, grads) <= 1e-6
+
+
+def test_verify_catches_a_plan_for_other_routes(world1):
+    d, chunks, session, planner, batches = _planned_setup()
+    routes = d.h.random_routes(len(batches))
+    plan = planner.build(d.h.random_routes(len(batches), seed=7))
+    with pytest.raises(RuntimeError, match="differ from the dispatch plan"):
+        with planner.planning(plan, verify=True), session.replaying(routes):
+            d.lm_forward_backward(chunks, batches)
