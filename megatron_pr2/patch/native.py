@@ -24,7 +24,7 @@ two drivers; megatron's documented behaviour, with these fixes:
   before it, and ``predictor_frozen_unless(optimizer, active=mini_step >= 1)`` around its
   ``optimizer.step()`` (see ``megatron_pr2.predictor.optim``).
 * **No leak**: megatron's instance list is class-level and only grows; ours are registered as
-  weak proxies, and dead ones are pruned whenever a new router registers.
+  weak proxies that leave the list when their router is collected.
 
 Action changes never drop routes a pending backward still needs (a caller may switch actions per
 microbatch). Entering ``RECORD`` or ``REPLAY_*`` from another action starts a new pass: the FIFO of
@@ -268,19 +268,16 @@ class CompatRouterReplay(RouterReplayState, RouterReplay):
         self._targets.route = self.prepare(indices, self._cursor, device)
 
 
-def _alive(router: Any) -> bool:
-    try:
-        router.__class__  # noqa: B018 (a dead weak proxy raises on any attribute access)
-    except ReferenceError:
-        return False
-    return True
-
-
 def _register_weakly(router: CompatRouterReplay) -> None:
-    """Swap megatron's strong reference to ``router`` for a weak proxy, keeping construction
-    order, and prune proxies whose router is gone (megatron's list would keep every model ever
-    built alive)."""
+    """Swap megatron's strong reference to ``router`` for a weak proxy (keeping construction
+    order) that removes itself from the list when the router is collected: megatron's
+    class-level list would otherwise keep every model ever built alive."""
     instances = RouterReplay.global_router_replay_instances
-    instances[:] = [
-        weakref.proxy(r) if r is router else r for r in instances if r is router or _alive(r)
-    ]
+    proxy = weakref.proxy(router, _forget)
+    instances[:] = [proxy if r is router else r for r in instances]
+
+
+def _forget(proxy: Any) -> None:
+    """Weak-proxy callback: the router is gone, so is its entry (an identity test only)."""
+    instances = RouterReplay.global_router_replay_instances
+    instances[:] = [r for r in instances if r is not proxy]
