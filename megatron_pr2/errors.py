@@ -6,7 +6,14 @@ other exception keeps its traceback, because then the traceback is what a bug re
 
 from __future__ import annotations
 
-__all__ = ["USER_ERROR_EXIT_CODE", "ConfigError", "UserError", "format_user_error"]
+__all__ = [
+    "USER_ERROR_EXIT_CODE",
+    "ConfigError",
+    "MissingRunFileError",
+    "RunDirError",
+    "UserError",
+    "format_user_error",
+]
 
 #: Exit status for a user error (argparse uses 2 for bad arguments too).
 USER_ERROR_EXIT_CODE = 2
@@ -19,6 +26,15 @@ class UserError(Exception):
 class ConfigError(UserError, ValueError):
     """A bad config file, key or value. Also a ``ValueError``, which is what callers that
     validate configs have always caught."""
+
+
+class RunDirError(UserError, ValueError):
+    """A directory given as a run (``pr2 compare``, ``pr2 analyze``) whose files do not hold
+    what a run writes (no step, a corrupt line, no replay mode)."""
+
+
+class MissingRunFileError(UserError, FileNotFoundError):
+    """A run directory without a file the command reads (``metrics.jsonl``, route traces)."""
 
 
 def format_user_error(prog: str, err: UserError) -> str:

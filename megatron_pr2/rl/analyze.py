@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_pr2.errors import MissingRunFileError
 from megatron_pr2.replay.session import RouteTrace
 from megatron_pr2.rl.traces import StepTrace, read_step_trace
 
@@ -60,7 +61,7 @@ class HorizonStats:
 def load_traces(run_dir: str | Path) -> list[StepTrace]:
     files = sorted((Path(run_dir) / "traces").glob("step_*.safetensors"))
     if not files:
-        raise FileNotFoundError(
+        raise MissingRunFileError(
             f"{run_dir}: no traces/step_*.safetensors (run the trainer with logger.route_traces=true)"
         )
     return [read_step_trace(f) for f in files]

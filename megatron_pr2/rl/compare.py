@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megatron_pr2.errors import RunDirError
 from megatron_pr2.rl.logger import read_metrics
 
 __all__ = ["RunSummary", "compare_runs", "load_run", "markdown_table", "plot_runs"]
@@ -63,13 +64,13 @@ def load_run(path: str | Path, label_by: str = "mode") -> RunSummary:
     path = Path(path)
     steps = read_metrics(path)
     if not steps:
-        raise ValueError(f"{path}: metrics.jsonl holds no step")
+        raise RunDirError(f"{path}: metrics.jsonl holds no step")
     config_file = path / "config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     if label_by == "mode":
         label = config.get("policy", {}).get("router_replay", {}).get("mode")
         if label is None:
-            raise ValueError(
+            raise RunDirError(
                 f"{path}: no config.json with policy.router_replay.mode; use --label-by dir"
             )
     elif label_by == "dir":

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from megatron_pr2.errors import MissingRunFileError, RunDirError
+
 __all__ = ["RunLogger", "make_progress_bar", "read_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
@@ -23,7 +25,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """Every step's metrics of a run directory, in step order (last record wins per step)."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: no {METRICS_FILE} (not a pr2 run directory?)")
+        raise MissingRunFileError(f"{run_dir}: no {METRICS_FILE} (not a pr2 run directory?)")
     by_step: dict[int, dict[str, Any]] = {}
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -31,9 +33,9 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not a JSON object ({err.msg})") from None
+            raise RunDirError(f"{path}:{number}: not a JSON object ({err.msg})") from None
         if "step" not in record:
-            raise ValueError(f"{path}:{number}: record has no 'step' key")
+            raise RunDirError(f"{path}:{number}: record has no 'step' key")
         by_step[int(record["step"])] = record
     return [by_step[s] for s in sorted(by_step)]
 

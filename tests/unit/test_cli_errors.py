@@ -98,3 +98,19 @@ def test_cli_filters_only_megatrons_te_apex_warnings():
     assert done.returncode == 0, done.stderr
     assert "Transformer Engine and Apex" not in done.stderr
     assert "another warning" in done.stderr
+
+
+def test_pr2_compare_on_a_directory_that_is_no_run_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["compare", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == USER_ERROR_EXIT_CODE
+    assert capsys.readouterr().err.splitlines() == [
+        f"pr2: error: {tmp_path}: no metrics.jsonl (not a pr2 run directory?)"
+    ]
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["compare", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == USER_ERROR_EXIT_CODE
+    assert capsys.readouterr().err.splitlines() == [
+        f"pr2: error: {tmp_path}: metrics.jsonl holds no step"
+    ]
