@@ -55,7 +55,10 @@ def _damaged_copy(converted: Path, tmp_path: Path, case: str) -> tuple[Path, Pat
     pattern, damage, says = DAMAGE[case]
     ckpt = tmp_path / "damaged"
     shutil.copytree(converted, ckpt)
-    target = sorted(ckpt.glob(pattern))[-1]
+    matches = sorted(ckpt.glob(pattern))
+    if not matches:  # megatron-core 0.19 keeps the common state inside the .distcp files
+        pytest.skip(f"this megatron-core writes no {pattern}")
+    target = matches[-1]
     damage(target)
     return ckpt, target, rf"^{target}: {says}"
 
