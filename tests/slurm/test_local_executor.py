@@ -71,3 +71,31 @@ def test_tiny_grpo_two_processes(nemo_home: Path, tmp_path: Path):
     assert state["status"] == "SUCCEEDED", logs[-4000:]
     records = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
+
+
+def test_relaunch_resumes_from_the_first_launch(nemo_home: Path):
+    """Two ``pr2 launch``-es of one experiment share ``<job_dir>/runs/<name>``: the second
+    finds the first one's checkpoint, resumes at step 1 and appends to its metrics.jsonl
+    (nothing overridden to an absolute path: the recipe's relative log_dir and the trainer's
+    default checkpoint_dir are what a user launches with)."""
+    path = REPO_ROOT / "examples" / "recipes" / "tiny" / "local_2procs.yaml"
+    common = ["checkpointing.enabled=true", "checkpointing.save_period=1"]
+    outs = []
+    for steps in (1, 2):
+        recipe = load_recipe(path, [*common, f"grpo.max_num_steps={steps}"])
+        spec = cluster_from_section(recipe.section("cluster"), {"job_dir": str(nemo_home)})
+        outs.append(launch(recipe, spec, name="pr2-tiny-resume", detach=False))
+        logs = "\n".join(
+            p.read_text(errors="replace")
+            for p in (nemo_home / "experiments").rglob("*.log")
+            if outs[-1].exp_id in str(p)
+        )
+        assert job_status(outs[-1].exp_id, nemo_home)["status"] == "SUCCEEDED", logs[-4000:]
+    assert "resumed from" in logs and "(step 1)" in logs, logs[-4000:]
+    run_dir = nemo_home / "runs" / "pr2-tiny-resume"
+    assert sorted(p.name for p in (run_dir / "results" / "grpo").glob("step_*")) == [
+        "step_1",
+        "step_2",
+    ]
+    lines = (run_dir / "logs" / "tiny_local" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
