@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,37 @@ def test_interrupt_while_replacing_an_output_keeps_the_old_one(
     assert code == 130
     assert (out / "keep").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mcore"]
+
+
+_SIGINT_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from megatron_pr2.convert.mapping import HFToMegatron
+real, calls = HFToMegatron.load, []
+def load(self, ref):
+    calls.append(ref)
+    if len(calls) == 5:
+        os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends, mid-conversion
+    return real(self, ref)
+HFToMegatron.load = load
+sys.argv = ["convert_checkpoint", "hf-to-mcore", {src!r}, {out!r}, "--no-progress"]
+import runpy
+runpy.run_path({tool!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.slow  # a fresh process imports megatron-core: about a minute on 2 shared cores
+def test_sigint_to_the_process_exits_130_and_leaves_nothing(tmp_path, hf_dir):
+    import os
+    import subprocess
+
+    out = tmp_path / "mcore"
+    root = str(TOOL.parents[1])
+    script = _SIGINT_SCRIPT.format(root=root, src=str(hf_dir), out=str(out), tool=str(TOOL))
+    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert "interrupted" in proc.stderr
+    _assert_nothing_left(out)
