@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.version import Version
 
 from megatron_pr2.config import RouterReplayConfig
 from megatron_pr2.models.gpt import moe_transformer_config
@@ -215,3 +216,77 @@ def test_alltoall_preprocess_sets_what_the_planned_dispatcher_sets(world1):
         sizes.global_tokens_per_local_expert.tolist()
     )
     assert dispatcher.num_out_tokens == 40
+
+
+# ---------------------------------------------------------------- patch point 1b: native API
+#: megatron's RouterReplay API that CompatRouterReplay serves, per version: a new or renamed
+#: method or field fails here before it can bypass our state.
+_NATIVE_METHODS = {
+    "set_replay_data",
+    "get_recorded_data",
+    "clear_global_indices",
+    "set_global_router_replay_action",
+    "clear_global_router_replay_action",
+    "clear_global_router_replay_instances",
+    "set_target_indices",
+    "get_recorded_indices",
+    "record_indices",
+    "clear_indices",
+    "set_router_replay_action",
+    "clear_router_replay_action",
+    "get_replay_topk",
+}
+_NATIVE_FIELDS = {
+    "target_topk_idx",
+    "recorded_topk_idx",
+    "router_replay_action",
+    "replay_backward_list",
+}
+#: 0.19 adds CUDA-graph static buffers (inherited unchanged: they only hold a tensor) and the
+#: layer number (set by Router.set_layer_number).
+_NATIVE_METHODS_0_19 = {
+    "set_global_static_buffers",
+    "clear_global_static_buffers",
+    "set_static_buffer",
+    "clear_static_buffer",
+}
+_NATIVE_FIELDS_0_19 = {"static_buffer", "layer_number"}
+
+
+def test_native_router_replay_api_is_the_one_compat_router_replay_serves():
+    import re
+
+    from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
+
+    from megatron_pr2.patch.native import CompatRouterReplay
+
+    new = megatron_core_version() >= Version("0.19")
+    methods = _NATIVE_METHODS | (_NATIVE_METHODS_0_19 if new else set())
+    fields = _NATIVE_FIELDS | (_NATIVE_FIELDS_0_19 if new else set())
+    public = {
+        name
+        for name, value in vars(RouterReplay).items()
+        if not name.startswith("_") and callable(getattr(RouterReplay, name))
+    }
+    assert public == methods
+    assigned = set(re.findall(r"self\.(\w+)\s*[:=]", inspect.getsource(RouterReplay.__init__)))
+    assert assigned == fields
+    assert {a.name for a in RouterReplayAction} == {"RECORD", "REPLAY_FORWARD", "REPLAY_BACKWARD"}
+    assert isinstance(vars(RouterReplay)["global_router_replay_instances"], list)  # class-level
+    # Every instance method and field that reads or writes routes is ours (static methods only
+    # walk the instance list; the 0.19 buffer and its setters only hold a tensor, which
+    # get_recorded_indices reads).
+    for name in (methods - _NATIVE_METHODS_0_19) | (fields - {"static_buffer"}):
+        if isinstance(vars(RouterReplay).get(name), staticmethod):
+            continue
+        owner = next(c for c in CompatRouterReplay.__mro__ if name in vars(c))
+        assert owner is not RouterReplay, name
+
+
+def test_router_set_layer_number_reaches_router_replay_from_0_19():
+    """0.19's Router.set_layer_number also sets router_replay.layer_number (ours is a property
+    both versions reach through ReplayTopKRouter.set_layer_number)."""
+    from megatron.core.transformer.moe.router import Router
+
+    source = inspect.getsource(Router.set_layer_number)
+    assert ("router_replay.layer_number" in source) == (megatron_core_version() >= Version("0.19"))
