@@ -113,7 +113,12 @@ class HFSettings:
             return value
         if fallback is not _MISSING:
             return fallback
-        why = "transformers is not installed" if defaults is None else "no default"
+        why = (
+            "no transformers config class to read defaults from: transformers is not "
+            "installed or does not know this model_type"
+            if defaults is None
+            else "its transformers config class has no default either"
+        )
         raise ConversionError(
             f"config.json: missing key {_spelled(names)} and no default for "
             f"model_type={self.config.get('model_type')!r} ({why}; set it in config.json)"
