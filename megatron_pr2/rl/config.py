@@ -21,18 +21,21 @@ import yaml
 
 from megatron_pr2.config import PredictorConfig, RouterReplayConfig
 from megatron_pr2.errors import ConfigError
+from megatron_pr2.rl.data import DataConfig
 from megatron_pr2.rl.loss import ClippedPGLossConfig
 from megatron_pr2.rl.task import TaskConfig
 
 __all__ = [
     "TRAINER_MODES",
     "CheckpointingConfig",
+    "DataConfig",
     "GRPOConfig",
     "GenerationConfig",
     "LoggerConfig",
     "MasterConfig",
     "PolicyConfig",
     "RouterReplaySection",
+    "TokenizerSection",
     "apply_overrides",
     "config_from_dict",
     "load_config",
@@ -115,6 +118,16 @@ class RouterReplaySection:
 
 
 @dataclass
+class TokenizerSection:
+    """``policy.tokenizer.*`` (NeMo-RL): ``name`` is a local Hugging Face tokenizer folder;
+    by default the model's (``policy.model_path``, where ``pr2 convert`` copies it). Only runs
+    on dataset files (``data.train_files``) use it; the synthetic task has its own."""
+
+    name: str | None = None
+    chat_template: str | None = None  # a Jinja template replacing the tokenizer's own
+
+
+@dataclass
 class PolicyConfig:
     """``policy.*``: optimizer, micro-batching, replay and the MoE model shape."""
 
@@ -126,6 +139,7 @@ class PolicyConfig:
     # A converted checkpoint (`pr2 convert hf-to-mcore` output) to start from; the shape keys
     # below are then ignored (the model comes from its pr2_model.json).
     model_path: str | None = None
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     num_layers: int = 2
     hidden_size: int = 32
     ffn_hidden_size: int = 64
@@ -150,6 +164,10 @@ class PolicyConfig:
             )
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ConfigError("policy.sequence_parallel needs tensor_model_parallel_size > 1")
+
+    @property
+    def tokenizer_dir(self) -> str | None:
+        return self.tokenizer.name or self.model_path
 
     @property
     def uses_sequence_parallel(self) -> bool:
@@ -223,11 +241,23 @@ class MasterConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     loss_fn: dict[str, Any] = field(default_factory=dict)
     task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
 
     def __post_init__(self) -> None:
         self.loss_config()  # unknown / unsupported loss_fn keys fail at load time
+        if self.data.enabled:
+            if self.generation.max_new_tokens is None:
+                raise ValueError(
+                    "generation.max_new_tokens is required with data.train_files (responses "
+                    "are open-ended; the synthetic task derives it from its answers)"
+                )
+            if self.policy.tokenizer_dir is None:
+                raise ValueError(
+                    "data.train_files needs the model's tokenizer: set policy.tokenizer.name "
+                    "or policy.model_path (a `pr2 convert hf-to-mcore` output)"
+                )
         g = self.grpo
         batch = g.num_prompts_per_step * g.num_generations_per_prompt
         if batch < 1 or g.num_generations_per_prompt < 1:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from megatron_pr2.errors import UserError
+
 __all__ = [
     "DataConfig",
     "DatasetError",
@@ -28,7 +30,7 @@ Message = Mapping[str, str]
 _READERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset file that cannot be used as it is; the message names file, row and column."""
 
 

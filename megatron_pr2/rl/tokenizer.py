@@ -10,10 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from megatron_pr2.errors import UserError
+
 __all__ = ["HFTokenizer", "TokenizerError"]
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer directory the trainer cannot use; the message says what is missing."""
 
 
@@ -22,7 +24,7 @@ class HFTokenizer:
     tokenizer interface (``vocab_size``, ``pad_id``, ``bos_id``, ``eos_id``, ``encode``,
     ``decode``, ``encode_chat``)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, chat_template: str | None = None) -> None:
         from transformers import AutoTokenizer
 
         path = Path(path)
@@ -44,6 +46,8 @@ class HFTokenizer:
         self.pad_id: int = int(pad) if pad is not None else self.eos_id
         bos = self.hf.bos_token_id
         self.bos_id: int | None = int(bos) if bos is not None else None
+        if chat_template is not None:  # policy.tokenizer.chat_template
+            self.hf.chat_template = chat_template
         self.has_chat_template = bool(getattr(self.hf, "chat_template", None))
 
     @property

@@ -51,6 +51,7 @@ from megatron_pr2.rl.checkpoint import (
     save_trainer_checkpoint,
 )
 from megatron_pr2.rl.config import MasterConfig
+from megatron_pr2.rl.dataset_task import DatasetTask
 from megatron_pr2.rl.engine import RolloutEngine, bf16_engine_config
 from megatron_pr2.rl.logger import RunLogger, make_progress_bar
 from megatron_pr2.rl.loss import ClippedPGLossFn
@@ -62,6 +63,7 @@ from megatron_pr2.rl.parallel import (
     is_logging_rank,
 )
 from megatron_pr2.rl.task import SyntheticTask
+from megatron_pr2.rl.tokenizer import HFTokenizer
 from megatron_pr2.rl.traces import StepTrace, trace_path, write_step_trace
 from megatron_pr2.rl.worker import PolicyWorker, RLBatch
 
@@ -69,8 +71,26 @@ __all__ = ["ZERO_DEVIATION", "supervised_warm_start", "train", "training_steps"]
 
 ZERO_DEVIATION = "train/router_replay/zero_deviation_ratio"
 
+Task = SyntheticTask | DatasetTask
 
-def _shape(config: MasterConfig, task: SyntheticTask) -> tuple[TinyMoEShape, int]:
+
+def make_task(config: MasterConfig) -> Task:
+    """Prompts from ``data.train_files`` with the model's tokenizer, else the synthetic task."""
+    if not config.data.enabled:
+        return SyntheticTask(config.task)
+    assert config.generation.max_new_tokens is not None  # MasterConfig checks it
+    tokenizer = HFTokenizer(
+        config.policy.tokenizer_dir, chat_template=config.policy.tokenizer.chat_template
+    )
+    return DatasetTask(config.data, tokenizer, config.generation.max_new_tokens)
+
+
+def _task_state(task: Task) -> dict[str, Any]:
+    """What a checkpoint keeps of the task: the position in the dataset's epoch."""
+    return {"data": task.state_dict()} if isinstance(task, DatasetTask) else {}
+
+
+def _shape(config: MasterConfig, task: Task) -> tuple[TinyMoEShape, int]:
     """Model shape and ``max_new_tokens``; the context fits the longest prompt + generation."""
     max_new = config.generation.max_new_tokens or task.max_answer_len + 1
     needed = task.max_prompt_len + max(max_new, task.max_answer_len)
@@ -110,7 +130,7 @@ class PolicyModel:
     description_file: Path | None = None
 
 
-def _policy_model(config: MasterConfig, task: SyntheticTask) -> PolicyModel:
+def _policy_model(config: MasterConfig, task: Task) -> PolicyModel:
     """The tiny GPT of ``policy.*`` shape keys, or the converted checkpoint at
     ``policy.model_path`` (``pr2 convert hf-to-mcore``; its shape keys are then ignored)."""
     p = config.policy
@@ -166,7 +186,7 @@ def _set_lr(worker: PolicyWorker, lr: float, base: float) -> None:
 
 def supervised_warm_start(
     worker: PolicyWorker,
-    task: SyntheticTask,
+    task: Task,
     config: MasterConfig,
     rng: random.Random,
     on_step: Callable[[int, float], None] | None = None,
@@ -253,7 +273,7 @@ def training_steps(config: MasterConfig) -> Iterator[dict[str, Any]]:
     rng = random.Random(g.seed)
     sampler = torch.Generator().manual_seed(g.seed)
 
-    task = SyntheticTask(config.task)
+    task = make_task(config)  # dataset files are read and checked here, before any model exists
     tok = task.tokenizer
     model = _policy_model(config, task)
     worker_replay = replay.worker_config()
@@ -292,6 +312,8 @@ def training_steps(config: MasterConfig) -> Iterator[dict[str, Any]]:
         start_step, path = latest
         state = load_trainer_checkpoint(worker.setup, path)
         restore_rng(state["rng"], rng, sampler)
+        if "data" in state and isinstance(task, DatasetTask):
+            task.load_state_dict(state["data"])
         if main_rank:
             print(f"resumed from {path} (step {start_step})", flush=True)
     else:
@@ -345,7 +367,7 @@ def training_steps(config: MasterConfig) -> Iterator[dict[str, Any]]:
                     worker.setup,
                     ckpt.checkpoint_dir,
                     done,
-                    {"rng": capture_rng(rng, sampler)},
+                    {"rng": capture_rng(rng, sampler), **_task_state(task)},
                     keep_last=ckpt.keep_top_k,
                 )
                 if main_rank and model.description_file is not None:
@@ -455,7 +477,7 @@ def _write_trace(
 
 def _grpo_step(
     config: MasterConfig,
-    task: SyntheticTask,
+    task: Task,
     worker: PolicyWorker,
     engine: RolloutEngine,
     loss_fn: ClippedPGLossFn,
