@@ -9,6 +9,7 @@ parameter.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,8 +175,36 @@ def hf_to_mcore(
         dist_checkpointing.save(state, str(tmp))
         if _is_rank0():
             save_model_description(description, tmp)
+            copy_tokenizer_files(hf_dir, tmp)
     stats.seconds = time.perf_counter() - start
     return description, stats
+
+
+#: Files of a Hugging Face tokenizer (and its chat template) that travel with the weights, so
+#: ``policy.model_path`` alone gives the trainer its tokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+def copy_tokenizer_files(hf_dir: str | Path, out_dir: str | Path) -> list[str]:
+    """Copy the tokenizer files ``hf_dir`` has into ``out_dir``; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        source = Path(hf_dir) / name
+        if source.is_file():
+            shutil.copyfile(source, Path(out_dir) / name)
+            copied.append(name)
+    return copied
 
 
 def _is_rank0() -> bool:
