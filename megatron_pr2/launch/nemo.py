@@ -185,13 +185,17 @@ def slurm_setup_lines(spec: LaunchSpec) -> str:
     """Lines of the sbatch script that run after nemo-run's setup, before ``srun``.
 
     nemo-run sets ``head_node_ip`` (the c10d rendezvous host) from ``hostname --ip-address`` on
-    the first node, which may print several addresses, or 127.0.1.1 on Debian-style hosts; the
-    first host name of the allocation resolves on every node instead. The port comes from the
-    job id unless ``cluster.rdzv_port`` fixes it.
+    the first node, which may print several addresses, or 127.0.1.1 on Debian-style hosts.
+    Instead: the first host of the allocation (``scontrol show hostnames``), as the address
+    SLURM itself reaches it at (its ``NodeAddr``; the name when none is configured, which is
+    the usual case). The port comes from the job id unless ``cluster.rdzv_port`` fixes it.
     """
     lines = [
-        "# pr2: rendezvous on the first node of the allocation, by name",
-        f'{SLURM_HEAD_VAR}=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
+        "# pr2: rendezvous on the first node of the allocation, at SLURM's address for it",
+        'pr2_head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
+        f'{SLURM_HEAD_VAR}=$(scontrol show node "$pr2_head" -o'
+        " | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)",
+        f"{SLURM_HEAD_VAR}=${{{SLURM_HEAD_VAR}:-$pr2_head}}",
     ]
     if spec.rdzv_port is None:
         lines.append(

@@ -317,3 +317,46 @@ def test_wait_failure_prints_the_log_path(tmp_path: Path, monkeypatch, capsys):
     assert f"  log: {log}" in out.splitlines()
     assert "log-not-this" not in out
     assert f"metrics {home}/runs/pr2-tiny/logs/tiny_slurm/metrics.jsonl" in out
+
+
+@pytest.mark.parametrize(
+    ("node_line", "expected"),
+    [
+        (
+            "NodeName=gpu-a01 Arch=x86_64 CoresPerSocket=56 NodeAddr=10.1.2.3 NodeHostName=a01",
+            "10.1.2.3",
+        ),
+        ("", "gpu-a01"),  # no NodeAddr known: the host name itself
+    ],
+)
+def test_slurm_setup_lines_pick_the_rendezvous_host_and_port(
+    tmp_path: Path, node_line: str, expected: str
+):
+    """The sbatch setup lines, run by bash against a stand-in ``scontrol``: the first host of
+    the allocation (not ``hostname --ip-address``), and a port derived from the job id."""
+    import subprocess
+
+    from megatron_pr2.launch.nemo import slurm_setup_lines
+    from megatron_pr2.launch.spec import RDZV_PORT_BASE, RDZV_PORT_SPAN
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(
+        "#!/bin/sh\n"
+        'if [ "$2" = hostnames ]; then printf "gpu-a01\\ngpu-a02\\n"; exit 0; fi\n'
+        f"printf '%s\\n' '{node_line}'\n"
+    )
+    scontrol.chmod(0o755)
+    script = slurm_setup_lines(LaunchSpec(nodes=2)) + '\necho "$head_node_ip:$PR2_RDZV_PORT"'
+    env = {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "SLURM_JOB_NODELIST": "gpu-a[01-02]",
+        "SLURM_JOB_ID": "123457",
+    }
+    done = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+    port = RDZV_PORT_BASE + 123457 % RDZV_PORT_SPAN
+    assert done.stdout.strip() == f"{expected}:{port}", done.stderr
+    assert port < 32768  # below Linux's ephemeral range
+    fixed = slurm_setup_lines(LaunchSpec(nodes=2, rdzv_port=29600))
+    assert "PR2_RDZV_PORT" not in fixed

@@ -75,8 +75,10 @@ head_node_ip=$(srun --nodes=1 --ntasks=1 -w "$head_node" hostname --ip-address)
 export OMP_NUM_THREADS=1
 export TORCHDYNAMO_DISABLE=1
 export LOGLEVEL=INFO
-# pr2: rendezvous on the first node of the allocation, by name
-head_node_ip=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+# pr2: rendezvous on the first node of the allocation, at SLURM's address for it
+pr2_head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+head_node_ip=$(scontrol show node "$pr2_head" -o | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)
+head_node_ip=${head_node_ip:-$pr2_head}
 PR2_RDZV_PORT=$((20000 + SLURM_JOB_ID % 10000))  # pr2: per-job rendezvous port
 
 
