@@ -67,6 +67,12 @@ class GRPOConfig:
     sft_lr: float = 3e-3
     normalize_rewards: bool = True
     use_leave_one_out_baseline: bool = False
+    # Validation (NeMo-RL keys): accuracy avg@k every val_period steps (0 = never), on
+    # data.val_files or, for the synthetic task, max_val_samples fixed prompts (default 32).
+    val_period: int = 0
+    max_val_samples: int | None = None
+    val_num_generations_per_prompt: int = 1  # k of avg@k
+    val_temperature: float | None = None  # default: generation.temperature
 
 
 @dataclass
@@ -277,6 +283,10 @@ class MasterConfig:
             )
         if g.sft_warmup_steps > 0 and g.sft_batch_size % mbs:
             raise ConfigError(f"grpo.sft_batch_size must be a multiple of micro_batch_size={mbs}")
+        if g.val_period < 0 or g.val_num_generations_per_prompt < 1:
+            raise ValueError(
+                "grpo.val_period must be >= 0 and grpo.val_num_generations_per_prompt >= 1"
+            )
         # Data parallelism (the world size minus model parallelism) is only known at run time:
         # the worker checks that micro-batches share evenly over DP ranks.
 

@@ -65,6 +65,7 @@ from megatron_pr2.rl.parallel import (
 from megatron_pr2.rl.task import SyntheticTask
 from megatron_pr2.rl.tokenizer import HFTokenizer
 from megatron_pr2.rl.traces import StepTrace, trace_path, write_step_trace
+from megatron_pr2.rl.validation import Validator
 from megatron_pr2.rl.worker import PolicyWorker, RLBatch
 
 __all__ = ["ZERO_DEVIATION", "supervised_warm_start", "train", "training_steps"]
@@ -348,6 +349,7 @@ def training_steps(config: MasterConfig) -> Iterator[dict[str, Any]]:
         if main_rank
         else None
     )
+    validator = Validator(config, task) if g.val_period > 0 else None
     with logger if logger is not None else contextlib.nullcontext():
         for step in range(start_step, g.max_num_steps):
             before = _router_weights(worker) if worker.trace_routes else {}
@@ -359,9 +361,11 @@ def training_steps(config: MasterConfig) -> Iterator[dict[str, Any]]:
                 metrics["sft/loss_first"] = sft_losses[0]
                 metrics["sft/loss_last"] = sft_losses[-1]
                 metrics["timing/sft"] = sft_time
+            done = step + 1
+            if validator is not None and (done % g.val_period == 0 or done == g.max_num_steps):
+                metrics.update(_validate(validator, config, worker, engine, max_new, done))
             if logger is not None:
                 logger.log(metrics)
-            done = step + 1
             if ckpt.enabled and (done % ckpt.save_period == 0 or done == g.max_num_steps):
                 path = save_trainer_checkpoint(
                     worker.setup,
@@ -378,6 +382,32 @@ def training_steps(config: MasterConfig) -> Iterator[dict[str, Any]]:
             yield metrics
     if main_rank:
         print(results_message(log_dir, config.logger.tensorboard_enabled), flush=True)
+
+
+def _validate(
+    validator: Validator,
+    config: MasterConfig,
+    worker: PolicyWorker,
+    engine: RolloutEngine,
+    max_new: int,
+    step: int,
+) -> dict[str, float]:
+    """Accuracy avg@k of the current weights on the held-out prompts (see rl.validation)."""
+    start = time.perf_counter()
+    replay = config.policy.router_replay
+    engine.refresh(worker.modules, include_predictor=replay.engine_applies_predictor)
+    rollout = engine.generate(
+        validator.expanded(),
+        max_new,
+        temperature=validator.temperature,
+        top_p=config.generation.top_p,
+        generator=validator.sampler(step),
+        micro_batch_size=config.policy.micro_batch_size,
+        return_routes=False,
+    )
+    metrics = validator.score(rollout.responses())
+    metrics["timing/validation/total_time"] = time.perf_counter() - start
+    return metrics
 
 
 def _pr2_command() -> str:

@@ -29,6 +29,8 @@ def test_converted_model_trains_on_dataset_files_and_resumes(world1, tmp_path):
         dapo_rows([(f"What is {a}*{b}?", str(a * b)) for a in range(2, 5) for b in range(2, 5)]),
     )
 
+    val = write_parquet(tmp_path / "val.parquet", dapo_rows([("What is 9*9?", "81")] * 3))
+
     def overrides(steps: int) -> list[str]:
         return [
             f"policy.model_path={mcore_dir}",
@@ -47,6 +49,9 @@ def test_converted_model_trains_on_dataset_files_and_resumes(world1, tmp_path):
             "checkpointing.enabled=true",
             f"checkpointing.checkpoint_dir={tmp_path / 'ckpt'}",
             "checkpointing.save_period=1",
+            f"data.val_files=[{val}]",
+            "grpo.val_period=2",
+            "grpo.val_num_generations_per_prompt=2",
         ]
 
     config = "examples/tiny/grpo_tiny.yaml"
@@ -56,7 +61,12 @@ def test_converted_model_trains_on_dataset_files_and_resumes(world1, tmp_path):
         assert all(math.isfinite(v) for v in metrics.values())
         assert "train/pr2/predictive_loss/mini_step_1" in metrics
     assert (tmp_path / "ckpt" / "step_2").is_dir()
+    # validation after step 2 (val_period) only: 3 prompts x avg@2
+    assert "validation/accuracy" not in history[0]
+    assert history[1]["validation/num_prompts"] == 3.0
+    assert history[1]["validation/accuracy"] in {i / 6 for i in range(7)}
     resumed = train(load_config(config, overrides(3)))
     assert [m["step"] for m in resumed] == [3]
+    assert "validation/accuracy" in resumed[0]  # the last step validates too
     lines = (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
