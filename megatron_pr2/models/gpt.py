@@ -20,6 +20,7 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_pr2.config import RouterReplayConfig
 from megatron_pr2.patch import apply_compat_fixes, with_replay_router
+from megatron_pr2.patch.spec import with_planned_dispatch
 
 
 @dataclass
@@ -88,11 +89,14 @@ def build_model_chunks(
     vocab_size: int,
     max_sequence_length: int,
     replay_config: RouterReplayConfig | None = None,
+    planned_dispatch: bool = False,
 ) -> list[GPTModel]:
     """This rank's model chunks (one per virtual pipeline stage).
 
     With ``replay_config`` given and ``installs_router``, every MoE router is a
-    ``ReplayTopKRouter``; otherwise the model is plain megatron-core.
+    ``ReplayTopKRouter``; otherwise the model is plain megatron-core. ``planned_dispatch``: MoE
+    layers whose all-to-all dispatcher can take its sizes from a replay plan
+    (``replay.dispatch_plan``).
     """
     apply_compat_fixes()
     vp_size = parallel_state.get_virtual_pipeline_model_parallel_world_size()
@@ -102,6 +106,8 @@ def build_model_chunks(
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, vp_stage=stage)
         if replay_config is not None and replay_config.installs_router:
             spec = with_replay_router(spec, replay_config)
+        if planned_dispatch:
+            spec = with_planned_dispatch(spec)
         chunks.append(
             GPTModel(
                 config=config,

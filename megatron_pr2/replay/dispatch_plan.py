@@ -175,6 +175,7 @@ class DispatchPlanner:
         """Plan from this rank's routes (``{layer: [route per microbatch]}``). A collective
         over the TP x EP group: every rank of it calls ``build`` for the same batch."""
         topo = self.topology
+        routes = getattr(routes, "plans", routes)  # PreparedRoutes: keep its fallback flags
         num_mb = max((len(routes.get(layer, ())) for layer in self.layers), default=0)
         counts, rows = [], []
         for layer in self.layers:

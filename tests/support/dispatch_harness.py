@@ -15,13 +15,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
 from megatron_pr2.config import RouterReplayConfig
-from megatron_pr2.models.gpt import lm_forward_backward, moe_transformer_config
-from megatron_pr2.patch.spec import with_planned_dispatch, with_replay_router
+from megatron_pr2.models.gpt import build_model_chunks, lm_forward_backward, moe_transformer_config
 from megatron_pr2.replay.dispatch_plan import DispatchPlan, DispatchPlanner
 from megatron_pr2.replay.session import ReplaySession
 from tests.support import replay_harness as h
@@ -35,29 +32,9 @@ def build_planned(mode: str = "r3", seed: int = 5, **overrides: Any) -> list[GPT
     torch.manual_seed(seed)
     config = moe_transformer_config(h.SHAPE, **overrides)
     replay = RouterReplayConfig(mode=mode, metrics_token_stride=1)
-    vp_size = parallel_state.get_virtual_pipeline_model_parallel_world_size()
-    chunks = []
-    for vp_stage in range(vp_size or 1):
-        stage = vp_stage if vp_size else None
-        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, vp_stage=stage)
-        spec = with_planned_dispatch(with_replay_router(spec, replay))
-        chunks.append(
-            GPTModel(
-                config=config,
-                transformer_layer_spec=spec,
-                vocab_size=h.SHAPE.vocab_size,
-                max_sequence_length=h.SEQ,
-                pre_process=parallel_state.is_pipeline_first_stage(
-                    ignore_virtual=False, vp_stage=stage
-                ),
-                post_process=parallel_state.is_pipeline_last_stage(
-                    ignore_virtual=False, vp_stage=stage
-                ),
-                position_embedding_type="rope",
-                vp_stage=stage,
-            )
-        )
-    return chunks
+    return build_model_chunks(
+        config, h.SHAPE.vocab_size, h.SEQ, replay_config=replay, planned_dispatch=True
+    )
 
 
 @contextlib.contextmanager
