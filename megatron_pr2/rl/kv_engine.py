@@ -181,8 +181,8 @@ class _Generation:
                 break
             if (len(rows) - live) >= max(1, len(rows) * _COMPACT_FRACTION):
                 keep = alive.nonzero().squeeze(1)
+                self._compact_cache(keep, cached_rows=len(rows))
                 rows, alive = rows[keep], alive[keep]
-                self._compact_cache(keep)
             logits = self._forward(self.tokens[rows, t : t + 1], start=t)
             self.steps.append((rows, t))
 
@@ -226,10 +226,19 @@ class _Generation:
         # InferenceMode (which also switches the routers to its own paths), so slice.
         return logits[:, -1, : self.engine.vocab_size]
 
-    def _compact_cache(self, keep: torch.Tensor) -> None:
-        """Drop finished rows from every layer's cached keys/values ``[seq, rows, ...]``."""
+    def _compact_cache(self, keep: torch.Tensor, cached_rows: int) -> None:
+        """Drop finished rows from every layer's cached keys/values ``[seq, rows, ...]``.
+
+        The static context's per-layer ``(key, value)`` buffers are megatron's; their layout
+        (sequence first, then batch) is checked here so a change in a megatron release fails
+        loudly instead of mixing rows."""
         memory = self.context.key_value_memory_dict
         for layer, (key, value) in memory.items():
+            if key.shape[1] != cached_rows or value.shape[1] != cached_rows:
+                raise RuntimeError(
+                    f"megatron's KV cache of layer {layer} has shape {tuple(key.shape)}; "
+                    f"expected [seq, {cached_rows} rows, ...] (static inference layout changed?)"
+                )
             memory[layer] = (key.index_select(1, keep), value.index_select(1, keep))
 
     def results(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -10,6 +10,7 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from megatron_pr2.config import PredictorConfig, RouterReplayConfig
 from megatron_pr2.models.gpt import TinyMoEShape, build_model_chunks, moe_transformer_config
+from megatron_pr2.rl import kv_engine
 from megatron_pr2.rl.backend import GenerationBackend, build_generation_backend
 from megatron_pr2.rl.config import GenerationConfig
 from megatron_pr2.rl.engine import RolloutEngine, bf16_engine_config
@@ -29,7 +30,9 @@ SHAPE = TinyMoEShape(
 )
 PROMPT_LENGTHS = (3, 7, 5, 9, 4, 6)
 MAX_NEW, MBS = 10, 2
-GREEDY_OLD = dict(top_p=1e-6)  # the recompute engine's nucleus keeps only the argmax
+# The recompute engine's nucleus keeps only the top token. An exact tie in the bf16 logits would
+# break differently (its sort order vs argmax's first index); these fixtures have none there.
+GREEDY_OLD = dict(top_p=1e-6)
 PREDICTOR = PredictorConfig(cache_keep_fraction=1.0)
 
 
@@ -206,3 +209,30 @@ def test_generation_backend_factory(world1):
         build_generation_backend(GenerationConfig(backend="vllm"), config, VOCAB, MAX_SEQ, **kw)
     with pytest.raises(ValueError, match="max_sequence_length"):
         engine.generate([[2] * 35], 10)
+
+
+def test_finished_rows_ride_along_until_compaction_without_changing_results(world1, monkeypatch):
+    """With more than 8 cache rows the cache is compacted once an eighth of them finished:
+    finished rows still in the cache are fed padding and must change no one's result (the
+    reference compacts at every finish)."""
+    trainer, _ = trainer_chunks()
+    _, new = engines(trainer, eos_id=common_eos(trainer))
+    many = prompts(PROMPT_LENGTHS * 3, seed=1)  # 18 rows
+    calls: list[int] = []
+    hook = new.chunks[0].register_forward_pre_hook(lambda _m, a: calls.append(a[0].shape[0]))
+    try:
+        b = new.generate(many, MAX_NEW, top_k=1, micro_batch_size=MBS)
+    finally:
+        hook.remove()
+    monkeypatch.setattr(kv_engine, "_COMPACT_FRACTION", 0.0)
+    a = new.generate(many, MAX_NEW, top_k=1, micro_batch_size=MBS)
+    assert_same_rollout(a, b)
+    for layer in a.routes:
+        for x, y in zip(real_routes(a, layer), real_routes(b, layer)):
+            assert torch.equal(x, y)
+    steps = calls[1:]
+    first = min(PROMPT_LENGTHS)
+    live = [int((b.lengths > t + 1).sum()) for t in range(first, first + len(steps))]
+    assert all(rows >= n for rows, n in zip(steps, live))  # never drops a live row
+    assert any(rows > n for rows, n in zip(steps, live))  # finished rows rode along a while
+    assert steps[-1] < len(many)  # and were compacted away
