@@ -24,7 +24,8 @@ ZERO_DEV = "train/router_replay/zero_deviation_ratio"
 MODE_ORDER = ("none", "r2", "r3", "pr2", "pr2_r3")
 FINAL_WINDOW = 5  # "final reward" = mean reward of the last 5 steps
 
-# (column, metric, how): "mean" over steps, "final" over the last FINAL_WINDOW steps.
+# (column, metric, how): "mean" over steps, "final" over the last FINAL_WINDOW steps, "last"
+# the last step that has it (validation runs every grpo.val_period steps).
 COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("final reward", "train/reward", "final"),
     ("reward AUC", "train/reward", "mean"),
@@ -34,6 +35,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("gen-train KL", "train/gen_kl_error", "mean"),
     ("token mult prob err", "train/token_mult_prob_error", "mean"),
     ("pred. top-k acc", "train/pr2/predictive_topk_accuracy", "mean"),
+    ("val. accuracy", "validation/accuracy", "last"),
 )
 
 
@@ -89,6 +91,8 @@ def _per_run(run: RunSummary, metric: str, how: str) -> float:
     values = run.series(metric)
     if how == "final":
         values = values[-FINAL_WINDOW:]
+    elif how == "last":
+        values = [v for v in values if math.isfinite(v)][-1:]
     return _finite_mean(values)
 
 

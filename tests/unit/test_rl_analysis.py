@@ -106,7 +106,9 @@ def test_analyze_writes_report_and_figures(tmp_path):
         analyze_run(tmp_path / "nothing")
 
 
-def _fake_run(path, mode: str, rewards: list[float], zero_dev: list[list[float]]) -> None:
+def _fake_run(
+    path, mode: str, rewards: list[float], zero_dev: list[list[float]], val: dict | None = None
+) -> None:
     path.mkdir()
     (path / "config.json").write_text(
         json.dumps({"policy": {"router_replay": {"mode": mode}}, "grpo": {"off_policy_steps": 2}})
@@ -116,6 +118,8 @@ def _fake_run(path, mode: str, rewards: list[float], zero_dev: list[list[float]]
             record = {"step": step, "train/reward": r, "train/probs_ratio_std": 0.1 * step}
             for i, value in enumerate(zd):
                 record[f"train/router_replay/zero_deviation_ratio/mini_step_{i}"] = value
+            if val and step in val:
+                record["validation/accuracy"] = val[step]
             f.write(json.dumps(record) + "\n")
 
 
@@ -123,11 +127,14 @@ def test_compare_groups_seeds_and_writes_table_and_figure(tmp_path):
     rewards = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
     _fake_run(tmp_path / "a", "r2", rewards, [[1.0, 0.9]] * 7)
     _fake_run(tmp_path / "b", "r2", [r + 0.2 for r in rewards], [[1.0, 0.7]] * 7)
-    _fake_run(tmp_path / "c", "none", rewards, [[1.0, 0.5]] * 7)
+    _fake_run(tmp_path / "c", "none", rewards, [[1.0, 0.5]] * 7, val={3: 0.25, 6: 0.75})
     table, figure = compare_runs([tmp_path / "a", tmp_path / "b", tmp_path / "c"], tmp_path / "out")
     text = table.read_text()
     # final reward = mean of the last 5 steps: 0.4 (run a) and 0.6 (run b) -> 0.5 ± 0.1414
     assert "| none | 1 | 0.4000 |" in text
+    assert "val. accuracy |" in text
+    none_row = next(line for line in text.splitlines() if line.startswith("| none | 1 |"))
+    assert none_row.endswith("| 0.7500 |")  # the last validation, not the mean of both
     assert "| r2 | 2 | 0.5000 ± 0.1414 |" in text
     assert "| r2 | 1.0000 ± 0.0000 | 0.8000 ± 0.1414 |" in text
     assert text.index("| none |") < text.index("| r2 |")
