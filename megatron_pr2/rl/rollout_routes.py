@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from megatron_pr2.rl.engine import rollout_layouts
 from megatron_pr2.routes.layout import RankCoords, batch_routes
 from megatron_pr2.routes.payload import RoutePayload, RouteSpec, parse_routes, parse_vllm
 
@@ -35,8 +36,6 @@ def rollout_routes(
     ``lengths[i] - 1`` or ``lengths[i]``). ``layers``: the global MoE layer numbers of this
     rank's routers. ``source``: ``vllm`` routes are parsed as vLLM's ``routed_experts`` (full
     row checks, untrusted input); any other name marks routes this process recorded itself."""
-    from megatron_pr2.rl.engine import rollout_layouts  # engine imports megatron; keep lazy
-
     if len(per_sample) != len(lengths):
         raise ValueError(f"routes for {len(per_sample)} samples, but {len(lengths)} lengths")
     payloads: list[RoutePayload] = []
