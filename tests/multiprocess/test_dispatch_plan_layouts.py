@@ -9,13 +9,22 @@ import pytest
 from tests.support.dist import Layout, init_layout
 
 
-def _check(rank: int, world: int, layouts: list[Layout], modes: list[str], recompute: str) -> None:
+def _check(
+    rank: int,
+    world: int,
+    layouts: list[Layout],
+    modes: list[str],
+    recompute: str,
+    num_microbatches: int = 3,
+) -> None:
     from tests.support import dispatch_harness as d
 
     for layout in layouts:
         init_layout(layout)
         for mode in modes:
-            stats = d.check_planned_matches_megatron(mode, **d.h.RECOMPUTE[recompute])
+            stats = d.check_planned_matches_megatron(
+                mode, num_microbatches, **d.h.RECOMPUTE[recompute]
+            )
             assert stats["dispatch/planned"] > 0, (layout.name, mode, stats)
             if layout.ep * (layout.etp or layout.tp) > 1:  # megatron gathers counts per call
                 assert stats["megatron/count_allgather"] == stats["dispatch/planned"], stats
@@ -66,3 +75,9 @@ def test_tp2_ep2_etp2_planned_dispatch_world4(run_dist):
 @pytest.mark.slow
 def test_pp2_ep2_full_recompute_planned_dispatch_world4(run_dist):
     run_dist(_check, 4, [Layout(pp=2, ep=2)], ["r2", "r3", "pr2"], "full")
+
+
+@pytest.mark.slow
+def test_pp2_vp2_full_recompute_planned_dispatch_world2(run_dist):
+    """Interleaved schedule: each rank's plan covers the layers of both its model chunks."""
+    run_dist(_check, 2, [Layout(pp=2, vp=2)], ["r2", "r3"], "full", 4)

@@ -148,3 +148,37 @@ def test_verify_catches_a_plan_for_other_routes(world1):
     with pytest.raises(RuntimeError, match="differ from the dispatch plan"):
         with planner.planning(plan, verify=True), session.replaying(routes):
             d.lm_forward_backward(chunks, batches)
+
+
+def test_plan_memory_is_per_layer_and_microbatch_not_per_token():
+    """O(layers x microbatches x (E + tp*ep*nle)) integers: independent of the token count."""
+    topo = _topology(2, 2, 1, 0)
+    gathered = np.ones((4, 5, 8), dtype=np.int64)
+    splits = derive_splits(gathered, np.full(5, 10_000), topo)
+    per_microbatch = (2 + 2 + 2 + 4 + 4 * 4 + 8) * 8  # splits, tp splits, nle, tp*ep*nle, E
+    assert splits.nbytes == 5 * per_microbatch
+
+
+def test_unsupported_configs_are_named():
+    from types import SimpleNamespace
+
+    from megatron_pr2.patch.dispatcher import unsupported_reason
+
+    assert unsupported_reason(SimpleNamespace()) is None
+    assert unsupported_reason(SimpleNamespace(moe_expert_capacity_factor=1.0)) == "capacity_factor"
+    assert (
+        unsupported_reason(SimpleNamespace(moe_router_padding_for_quantization=True))
+        == "quantization_padding"
+    )
+    assert unsupported_reason(SimpleNamespace(cuda_graph_impl="local")) == "cuda_graph"
+
+
+def test_live_router_under_a_plan_takes_megatron_path(world1):
+    """A plan installed around a pass whose routers route live is not used (and says so)."""
+    d, chunks, _session, planner, batches = _planned_setup()
+    plan = planner.build(d.h.random_routes(len(batches)))
+    planner.take_stats()
+    with d.count_dispatch_syncs() as counts, planner.planning(plan):
+        d.lm_forward_backward(chunks, batches)
+    assert planner.take_stats() == {"dispatch/router_live": 4 * 2}
+    assert counts["host_sync"] == 4 * 2
