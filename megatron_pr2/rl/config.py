@@ -146,6 +146,12 @@ class PolicyConfig:
     # below are then ignored (the model comes from its pr2_model.json).
     model_path: str | None = None
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    # Memory (NeMo-RL: policy.precision, megatron_cfg.activation_checkpointing,
+    # megatron_cfg.optimizer.use_distributed_optimizer). precision None: the checkpoint's dtype
+    # (fp32 for the built-in tiny GPT); bfloat16 keeps fp32 main params in megatron's optimizer.
+    precision: str | None = None
+    activation_checkpointing: bool = False
+    use_distributed_optimizer: bool = False
     num_layers: int = 2
     hidden_size: int = 32
     ffn_hidden_size: int = 64
@@ -167,6 +173,10 @@ class PolicyConfig:
             raise ConfigError(
                 "policy.context_parallel_size > 1 is not supported by the RL loop yet (the test "
                 "rollout engine has no CP); replay itself handles CP (routes.layout)"
+            )
+        if self.precision not in (None, "float32", "bfloat16"):
+            raise ValueError(
+                f"policy.precision must be float32 or bfloat16, got {self.precision!r}"
             )
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ConfigError("policy.sequence_parallel needs tensor_model_parallel_size > 1")

@@ -136,8 +136,9 @@ def _policy_model(config: MasterConfig, task: Task) -> PolicyModel:
     ``policy.model_path`` (``pr2 convert hf-to-mcore``; its shape keys are then ignored)."""
     p = config.policy
     shape, max_new = _shape(config, task)
+    overrides = {"sequence_parallel": p.uses_sequence_parallel, **memory_overrides(config)}
     if p.model_path is None:
-        model_config = moe_transformer_config(shape, sequence_parallel=p.uses_sequence_parallel)
+        model_config = moe_transformer_config(shape, **overrides)
         return PolicyModel(
             model_config,
             lambda cfg, replay: build_model_chunks(
@@ -165,9 +166,7 @@ def _policy_model(config: MasterConfig, task: Task) -> PolicyModel:
             f"policy.model_path: max_sequence_length {description.max_sequence_length} < the "
             f"task's longest prompt + generation ({shape.max_sequence_length})"
         )
-    model_config = transformer_config_from_description(
-        description, sequence_parallel=p.uses_sequence_parallel
-    )
+    model_config = transformer_config_from_description(description, **overrides)
     return PolicyModel(
         model_config,
         lambda cfg, replay: build_model_chunks_from_description(description, replay, config=cfg),
@@ -177,6 +176,20 @@ def _policy_model(config: MasterConfig, task: Task) -> PolicyModel:
         checkpoint=Path(p.model_path),
         description_file=Path(p.model_path) / DESCRIPTION_NAME,
     )
+
+
+def memory_overrides(config: MasterConfig) -> dict[str, Any]:
+    """``TransformerConfig`` settings of ``policy.precision`` and
+    ``policy.activation_checkpointing`` (full recompute of every layer: only layer inputs are
+    kept; the routers replay the original forward's routes in the recompute)."""
+    p = config.policy
+    out: dict[str, Any] = {}
+    if p.precision is not None:
+        dtype = torch.bfloat16 if p.precision == "bfloat16" else torch.float32
+        out.update(params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16)
+    if p.activation_checkpointing:
+        out.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return out
 
 
 def _set_lr(worker: PolicyWorker, lr: float, base: float) -> None:
@@ -285,6 +298,7 @@ def training_steps(config: MasterConfig) -> Iterator[dict[str, Any]]:
         micro_batch_size=p.micro_batch_size,
         weight_decay=p.weight_decay,
         clip_grad=p.max_grad_norm,
+        use_distributed_optimizer=p.use_distributed_optimizer,
         trace_routes=config.logger.route_traces and worker_replay.installs_router,
     )
     engine = RolloutEngine(

@@ -217,6 +217,7 @@ class PolicyWorker:
         weight_decay: float = 0.0,
         clip_grad: float = 0.0,
         trace_routes: bool = False,
+        use_distributed_optimizer: bool = False,
     ) -> None:
         self.replay = replay
         self.trace_routes = trace_routes  # keep route traces of each pass (rl.traces)
@@ -229,6 +230,7 @@ class PolicyWorker:
             predictor_lr_mult=replay.predictor.lr_mult,
             weight_decay=weight_decay,
             clip_grad=clip_grad,
+            use_distributed_optimizer=use_distributed_optimizer,
         )
         self.session = ReplaySession(self.setup.modules) if replay.installs_router else None
         config = self.setup.modules[0].config
