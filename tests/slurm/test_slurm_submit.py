@@ -111,3 +111,34 @@ def test_failing_job_is_reported_failed(slurm, nemo_home: Path, tmp_path: Path):
     state = job_status(job_id, nemo_home)
     assert _sacct(state["job_id"], "State")[0] == "FAILED"
     assert "max_total_sequence_length" in _job_log(nemo_home, "pr2-tiny-fail")
+
+
+def test_time_limit_is_reported_as_timeout(slurm, nemo_home: Path, tmp_path: Path):
+    """A job killed at its time limit: ``pr2 launch --wait`` says TIMEOUT (sacct's state; nemo-run
+    alone says FAILED), prints the job's log files and exits 1."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [
+        sys.executable,
+        "-c",
+        "from megatron_pr2.cli import main; main()",
+        "launch",
+        str(RECIPE),
+        "--job-dir",
+        str(nemo_home),
+        "--job-name",
+        "pr2-tiny-timeout",
+        "--time",
+        "00:01:00",
+        "--wait",
+        "--timeout",
+        str(JOB_TIMEOUT_S),
+        f"logger.log_dir={tmp_path / 'logs'}",  # an override after the flags
+        "grpo.max_num_steps=100000",
+    ]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=600
+    )
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert ": TIMEOUT (job " in done.stdout, done.stdout[-3000:]
+    logs = [line.split("log: ", 1)[1] for line in done.stdout.splitlines() if "  log: " in line]
+    assert logs and all(Path(p).is_file() for p in logs), done.stdout[-3000:]
