@@ -12,7 +12,8 @@ Checks (each failure is one message naming the keys involved):
   length; MoE with ``TP > 1`` and ``EP > 1`` needs ``sequence_parallel`` (megatron says so);
 * batch vs data parallel: every DP rank gets whole micro-batches of each mini-batch;
 * sequence length fits the model's positions, and the static memory fits ``gpu_memory_gb``
-  (an error); static memory plus activations and logits over ``gpu_memory_gb`` is a warning.
+  (an error); static memory plus activations and logits over ``gpu_memory_gb`` is a warning
+  (activations with full recompute when ``policy.activation_checkpointing`` is set).
 
 Static memory estimate per GPU (bytes; the worst pipeline stage; the KV cache of the rollout
 engine and allocator slack are *not* included). With ``DP = W/(TP*PP*CP)``,
@@ -462,17 +463,23 @@ def check_recipe(recipe: Recipe, cluster_flags: dict[str, Any] | None = None) ->
                 "before activations: raise PP/EP or the node count"
             )
         else:
-            plain = result.memory.peak(recompute=False) / GIB
+            recompute = bool(getattr(config.policy, "activation_checkpointing", False))
+            total = result.memory.peak(recompute=recompute) / GIB
             recomputed = result.memory.peak(recompute=True) / GIB
-            if plain > cap:
-                fix = (
-                    f"full activation recompute would bring it to {recomputed:.1f} GiB"
-                    + (" (fits)" if recomputed <= cap else " (still too much)")
-                    + "; or raise TP/CP/PP, or shorten the sequences"
-                )
+            if total > cap:
+                if recompute:
+                    fix = "raise TP/CP/PP or the node count, or shorten the sequences"
+                else:
+                    fix = (
+                        f"policy.activation_checkpointing=true (full recompute) would bring it "
+                        f"to {recomputed:.1f} GiB"
+                        + (" (fits)" if recomputed <= cap else " (still too much)")
+                        + "; or raise TP/CP/PP, or shorten the sequences"
+                    )
                 warn.append(
-                    f"static memory + activations + logits = {plain:.1f} GiB per GPU exceeds "
-                    f"cluster.gpu_memory_gb={cap} (no recompute); {fix}"
+                    f"static memory + activations + logits = {total:.1f} GiB per GPU exceeds "
+                    f"cluster.gpu_memory_gb={cap} "
+                    f"({'full recompute' if recompute else 'no recompute'}); {fix}"
                 )
             elif used > 0.8 * cap:
                 warn.append(f"static memory {used:.1f} GiB is over 80% of {cap} GiB")

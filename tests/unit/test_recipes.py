@@ -312,6 +312,11 @@ def test_activation_and_logits_estimate_by_hand():
         assert label in report, report
     _, roomy = _check(QWEN, "cluster.gpu_memory_gb=1000")
     assert not [w for w in roomy.warnings if "exceeds" in w]
+    # the trainer's full recompute switch: the recompute total is the one checked
+    _, recomputed = _check(QWEN, "cluster.gpu_memory_gb=80", "policy.activation_checkpointing=true")
+    assert not [w for w in recomputed.warnings if "exceeds" in w], recomputed.warnings
+    _, tight = _check(QWEN, "cluster.gpu_memory_gb=60", "policy.activation_checkpointing=true")
+    assert any("(full recompute)" in w for w in tight.warnings), tight.warnings
 
 
 def test_activation_estimate_divides_by_the_layout():
