@@ -5,11 +5,15 @@ carry sections only ``pr2 launch`` and ``pr2 check-recipe`` read:
 
 * ``defaults: [base.yaml, ...]``: files (relative to this one) deep-merged first, in order, so a
   mode file only states what differs from the model's base file;
-* ``model:`` which Hugging Face model the shape comes from (``name``, ``hf_config``);
+* ``model:`` which Hugging Face model it is (``name``, ``hf_config``: the shape), where its
+  converted weights are (``checkpoint``, from ``hf_path`` by ``pr2 convert hf-to-mcore``; the
+  trainer's ``policy.model_path``), or ``random_init: true`` for smoke runs;
 * ``cluster:`` nodes, GPUs, executor and SLURM settings (see :mod:`megatron_pr2.launch.spec`);
 * ``variants:`` named sets of dotted overrides (``off4: {grpo.off_policy_steps: 4, ...}``),
-  picked with ``--variant``; they apply after the file and before command-line overrides;
-* ``data:`` what the run trains on, for the reader (the trainer's own data is ``task:``).
+  picked with ``--variant``; they apply after the file and before command-line overrides.
+
+``data:`` is trainer config (:class:`megatron_pr2.rl.data.DataConfig`): the dataset files, their
+columns and the reward.
 
 These sections are removed before the trainer sees the config: :func:`trainer_values`.
 """
@@ -36,7 +40,7 @@ __all__ = [
     "unsupported_parallel_keys",
 ]
 
-LAUNCH_SECTIONS = ("defaults", "model", "cluster", "variants", "data")
+LAUNCH_SECTIONS = ("defaults", "model", "cluster", "variants")
 
 # NeMo-RL names of the policy's parallel sizes, with the value that means "not used".
 PARALLEL_KEYS: dict[str, Any] = {
@@ -174,6 +178,25 @@ def unsupported_parallel_keys(recipe: Recipe) -> list[str]:
     ]
 
 
+def _model_into_policy(model: Mapping[str, Any], policy: dict[str, Any]) -> None:
+    """``model:`` -> the trainer's model keys: ``model.checkpoint`` (the ``pr2 convert``
+    output) becomes ``policy.model_path``; ``model.random_init: true`` (smoke runs) builds
+    ``model.hf_path``'s (or ``model.hf_config``'s) architecture with random weights. Keys set
+    under ``policy`` win."""
+    if not isinstance(policy, dict) or policy.get("model_path") or policy.get("random_init_from"):
+        return
+    if model.get("random_init"):
+        source = model.get("hf_path") or model.get("hf_config")
+        if not source:
+            raise RecipeError(
+                "model.random_init: true needs model.hf_path or model.hf_config (a local folder "
+                "with the model's config.json) to take the architecture from"
+            )
+        policy["random_init_from"] = str(source)
+    elif model.get("checkpoint"):
+        policy["model_path"] = str(model["checkpoint"])
+
+
 def trainer_values(recipe: Recipe, strict: bool = True) -> dict[str, Any]:
     """The config the trainer gets: launch-only sections removed.
 
@@ -182,6 +205,7 @@ def trainer_values(recipe: Recipe, strict: bool = True) -> dict[str, Any]:
     ignores a layout; ``strict=False`` drops them all (to validate the rest of the config).
     """
     values = {k: copy.deepcopy(v) for k, v in recipe.values.items() if k not in LAUNCH_SECTIONS}
+    _model_into_policy(recipe.section("model"), values.setdefault("policy", {}))
     policy = values.get("policy")
     if isinstance(policy, dict):
         supported = _trainer_policy_fields()

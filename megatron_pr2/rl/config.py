@@ -145,6 +145,9 @@ class PolicyConfig:
     # A converted checkpoint (`pr2 convert hf-to-mcore` output) to start from; the shape keys
     # below are then ignored (the model comes from its pr2_model.json).
     model_path: str | None = None
+    # Smoke runs only (a recipe's model.random_init): build the architecture of this Hugging Face
+    # folder's config.json with random weights instead of loading converted ones.
+    random_init_from: str | None = None
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     # Memory (NeMo-RL: policy.precision, megatron_cfg.activation_checkpointing,
     # megatron_cfg.optimizer.use_distributed_optimizer). precision None: the checkpoint's dtype
@@ -177,6 +180,11 @@ class PolicyConfig:
         if self.precision not in (None, "float32", "bfloat16"):
             raise ValueError(
                 f"policy.precision must be float32 or bfloat16, got {self.precision!r}"
+            )
+        if self.model_path is not None and self.random_init_from is not None:
+            raise ValueError(
+                "policy.model_path and policy.random_init_from exclude each other (converted "
+                "weights, or the same architecture with random weights)"
             )
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ConfigError("policy.sequence_parallel needs tensor_model_parallel_size > 1")

@@ -137,7 +137,7 @@ def _policy_model(config: MasterConfig, task: Task) -> PolicyModel:
     p = config.policy
     shape, max_new = _shape(config, task)
     overrides = {"sequence_parallel": p.uses_sequence_parallel, **memory_overrides(config)}
-    if p.model_path is None:
+    if p.model_path is None and p.random_init_from is None:
         model_config = moe_transformer_config(shape, **overrides)
         return PolicyModel(
             model_config,
@@ -155,7 +155,10 @@ def _policy_model(config: MasterConfig, task: Task) -> PolicyModel:
         transformer_config_from_description,
     )
 
-    description = load_converted_model_description(p.model_path)
+    if p.model_path is not None:
+        description = load_converted_model_description(p.model_path)
+    else:  # policy.random_init_from: the architecture of an HF config, random weights
+        description = random_init_description(p.random_init_from, shape.max_sequence_length)
     if description.vocab_size < task.tokenizer.vocab_size:
         raise ConfigError(
             f"policy.model_path: the model's vocabulary ({description.vocab_size}) is smaller "
@@ -173,9 +176,21 @@ def _policy_model(config: MasterConfig, task: Task) -> PolicyModel:
         description.vocab_size,
         description.max_sequence_length,
         max_new,
-        checkpoint=Path(p.model_path),
-        description_file=Path(p.model_path) / DESCRIPTION_NAME,
+        checkpoint=Path(p.model_path) if p.model_path is not None else None,
+        description_file=Path(p.model_path) / DESCRIPTION_NAME if p.model_path else None,
     )
+
+
+def random_init_description(hf_folder: str, max_sequence_length: int) -> Any:
+    """The model description ``pr2 convert`` would write for ``hf_folder``'s config.json
+    (the weights are not read): the same architecture, built with megatron's random init."""
+    from megatron_pr2.convert.hf_config import read_config_json
+    from megatron_pr2.convert.hf_to_mcore import describe
+
+    _, _, description = describe(
+        read_config_json(hf_folder), dtype="float32", max_sequence_length=max_sequence_length
+    )
+    return description
 
 
 def memory_overrides(config: MasterConfig) -> dict[str, Any]:

@@ -93,7 +93,8 @@ def test_qwen_paper_setup():
 def test_trainer_sees_no_launch_sections():
     recipe = load_recipe(RECIPES / "qwen3_30b_a3b" / "pr2.yaml")
     values = trainer_values(recipe, strict=False)
-    assert not {"model", "cluster", "variants", "data", "defaults"} & set(values)
+    assert not {"model", "cluster", "variants", "defaults"} & set(values)
+    assert values["data"]["dataset"] == "DAPO-Math-17K"  # data: is trainer config
     from megatron_pr2.rl.config import config_from_dict
 
     config = config_from_dict(values)
@@ -335,3 +336,18 @@ def test_activation_estimate_divides_by_the_layout():
     assert cp.micro_batch_tokens == 18432 // 2
     assert cp.logits == pytest.approx(one.logits / 2)
     assert cp.per_layer == pytest.approx(one.per_layer / 2)
+
+
+def test_model_section_sets_the_trainers_model_keys(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  name: x\n  checkpoint: /ckpt/x-mcore\n  hf_path: /hf/x\n")
+    assert trainer_values(load_recipe(recipe))["policy"]["model_path"] == "/ckpt/x-mcore"
+    smoke = load_recipe(recipe, ["model.random_init=true"])
+    policy = trainer_values(smoke)["policy"]
+    assert policy == {"random_init_from": "/hf/x"}
+    explicit = load_recipe(recipe, ["policy.model_path=/other"])
+    assert trainer_values(explicit)["policy"]["model_path"] == "/other"
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("model:\n  name: x\n  random_init: true\n")
+    with pytest.raises(RecipeError, match=r"model\.hf_path or model\.hf_config"):
+        trainer_values(load_recipe(bare))

@@ -70,3 +70,41 @@ def test_converted_model_trains_on_dataset_files_and_resumes(world1, tmp_path):
     assert "validation/accuracy" in resumed[0]  # the last step validates too
     lines = (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+
+
+def test_random_init_builds_the_hf_architecture_not_the_tiny_gpt(world1, tmp_path):
+    """model.random_init (smoke runs): the Qwen3-MoE architecture of a config.json, random
+    weights, the tokenizer named separately."""
+    from megatron_pr2.rl.config import load_config
+    from megatron_pr2.rl.trainer import training_steps
+    from tests.support.hf_models import build_hf_model, save
+    from tests.support.rl_data import dapo_rows, save_char_tokenizer, write_parquet
+
+    hf_dir = save(build_hf_model("qwen3_moe", seed=2), tmp_path / "hf")
+    for weights in hf_dir.glob("*.safetensors"):
+        weights.unlink()  # the architecture comes from config.json alone
+    tok = save_char_tokenizer(tmp_path / "tok")
+    data = write_parquet(tmp_path / "d.parquet", dapo_rows([("1+1?", "2"), ("2+2?", "4")]))
+    overrides = [
+        f"policy.random_init_from={hf_dir}",
+        f"policy.tokenizer.name={tok}",
+        f"data.train_files=[{data}]",
+        f"logger.log_dir={tmp_path / 'logs'}",
+        "logger.progress_bar=false",
+        "logger.tensorboard_enabled=false",
+        "grpo.max_num_steps=1",
+        "grpo.sft_warmup_steps=0",
+        "grpo.num_prompts_per_step=2",
+        "grpo.off_policy_steps=2",
+        "policy.micro_batch_size=2",
+        "generation.max_new_tokens=4",
+    ]
+    steps = training_steps(load_config("examples/tiny/grpo_tiny.yaml", overrides))
+    metrics = next(steps)
+    # 4 MoE layers with GQA and q/k norm, as the HF config says (the tiny GPT has 2, no q/k norm)
+    assert "train/router_replay/zero_deviation_ratio/layer_4/mini_step_1" in metrics
+    model = steps.gi_frame.f_locals["worker"].modules[0]
+    names = [n for n, _ in model.named_parameters()]
+    assert any("q_layernorm" in n for n in names) and any("k_layernorm" in n for n in names)
+    attention = model.decoder.layers[0].self_attention
+    assert attention.config.num_query_groups == 2
