@@ -107,11 +107,8 @@ class PlannedAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             self.input_splits = sizes.input_splits
             self.output_splits = sizes.output_splits
             self.output_splits_tp = sizes.output_splits_tp
-        if self.num_local_experts > 1:
-            per_local = sizes.global_tokens_per_local_expert
-            if per_local.device != torch.device(self.permute_idx_device):  # fused permute
-                per_local = per_local.to(self.permute_idx_device, non_blocking=True)
-            self.num_global_tokens_per_local_expert = per_local
+        if self.num_local_experts > 1:  # on permute_idx_device already (DispatchSlot)
+            self.num_global_tokens_per_local_expert = sizes.global_tokens_per_local_expert
         self.cuda_sync_point = "no_sync"
         return sizes.tokens_per_local_expert
 

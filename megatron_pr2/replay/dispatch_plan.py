@@ -48,17 +48,26 @@ class MicrobatchSizes(NamedTuple):
     input_splits: np.ndarray  # [ep]
     output_splits: np.ndarray  # [ep]
     output_splits_tp: np.ndarray  # [tp]
-    global_tokens_per_local_expert: torch.Tensor  # [tp*ep, nle] int64, CPU
+    global_tokens_per_local_expert: torch.Tensor  # [tp*ep, nle] int64, on permute_idx_device
     local_counts: np.ndarray  # [E] this rank's own tokens per expert (for verification)
 
 
 class DispatchSlot:
     """One layer's plan for one pass: which microbatch each dispatcher call is."""
 
-    def __init__(self, layer: int, splits: LayerSplits, verify: bool = False) -> None:
+    def __init__(
+        self,
+        layer: int,
+        splits: LayerSplits,
+        verify: bool = False,
+        sort_device: torch.device | str = "cpu",
+    ) -> None:
         self.layer = layer
         self.splits = splits
         self.verify = verify
+        # megatron's fused permute sorts with split sizes on the GPU: one copy per layer per
+        # pass instead of one per call.
+        self._global_per_local = splits.global_tokens_per_local_expert.to(sort_device)
         self._cursor = 0
         # Decisions of this pass's forwards, in order: a recompute repeats its forward's.
         self._recompute_queue: deque[MicrobatchSizes | str] = deque()
@@ -103,7 +112,7 @@ class DispatchSlot:
             splits.input_splits[microbatch],
             splits.output_splits[microbatch],
             splits.output_splits_tp[microbatch],
-            splits.global_tokens_per_local_expert[microbatch],
+            self._global_per_local[microbatch],
             splits.local_counts[microbatch],
         )
 
@@ -150,6 +159,8 @@ class DispatchPlanner:
         for chunk in chunks:
             for module in chunk.modules():
                 if isinstance(module, ReplayMoELayer) and module.planned_dispatcher is not None:
+                    if module.layer_number in self._dispatchers:
+                        raise ValueError(f"two MoE layers claim layer {module.layer_number}")
                     self._dispatchers[module.layer_number] = module.planned_dispatcher
         if not self._dispatchers:
             raise ValueError(
@@ -214,7 +225,9 @@ class DispatchPlanner:
         if missing:
             raise ValueError(f"dispatch plan has no layer(s) {missing}")
         for layer, dispatcher in self._dispatchers.items():
-            dispatcher.dispatch_slot = DispatchSlot(layer, plan.layers[layer], verify)
+            dispatcher.dispatch_slot = DispatchSlot(
+                layer, plan.layers[layer], verify, dispatcher.permute_idx_device
+            )
         try:
             yield
         finally:
