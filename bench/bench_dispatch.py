@@ -27,6 +27,7 @@ Results go to stdout and to ``bench/RESULTS.md``, section "## Replay-aware dispa
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -81,7 +82,10 @@ def moe_layer(args: argparse.Namespace):
     config = moe_transformer_config(shape)
     spec = get_moe_module_spec(use_te=False, num_experts=args.experts, moe_grouped_gemm=False)
     spec = with_planned_dispatch(with_replay_router(spec, RouterReplayConfig(mode="r2")))
-    layer = build_module(spec, config=config, layer_number=1)
+    if isinstance(spec, functools.partial):  # megatron-core 0.19 MoE builders
+        layer = spec(config=config, layer_number=1)
+    else:  # 0.16 ModuleSpec
+        layer = build_module(spec, config=config, layer_number=1)
     layer.set_layer_number(1)
     return layer, ReplaySession(layer), DispatchPlanner(layer)
 
