@@ -136,6 +136,11 @@ class DispatchPlan:
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self.layers.values())
 
+    def select(self, microbatches: slice) -> DispatchPlan:
+        """The plan of some microbatches (views, no copy): one plan per rollout batch serves
+        every mini-step, each replaying its own slice of the batch's routes."""
+        return DispatchPlan({layer: s.select(microbatches) for layer, s in self.layers.items()})
+
     def planned_fraction(self) -> float:
         total = sum(s.num_microbatches for s in self.layers.values())
         return sum(int(s.planned.sum()) for s in self.layers.values()) / max(total, 1)

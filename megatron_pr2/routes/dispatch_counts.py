@@ -16,6 +16,7 @@ exactly as megatron's ``MoEAlltoAllTokenDispatcher.preprocess`` would per call.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -86,6 +87,10 @@ class LayerSplits:
     @property
     def num_microbatches(self) -> int:
         return len(self.planned)
+
+    def select(self, microbatches: slice) -> LayerSplits:
+        """The sizes of some microbatches (views): a mini-step's part of a rollout batch."""
+        return LayerSplits(*(getattr(self, f.name)[microbatches] for f in dataclasses.fields(self)))
 
     @property
     def nbytes(self) -> int:
