@@ -43,6 +43,7 @@ from megatron_pr2.models.gpt import (
 )
 from megatron_pr2.models.training import load_checkpoint, train_step
 from megatron_pr2.rl.advantages import grpo_advantages
+from megatron_pr2.rl.backend import GenerationBackend, build_generation_backend
 from megatron_pr2.rl.checkpoint import (
     capture_rng,
     latest_checkpoint,
@@ -52,7 +53,7 @@ from megatron_pr2.rl.checkpoint import (
 )
 from megatron_pr2.rl.config import MasterConfig
 from megatron_pr2.rl.dataset_task import DatasetTask
-from megatron_pr2.rl.engine import RolloutEngine, bf16_engine_config
+from megatron_pr2.rl.engine import bf16_engine_config
 from megatron_pr2.rl.logger import RunLogger, make_progress_bar
 from megatron_pr2.rl.loss import ClippedPGLossFn
 from megatron_pr2.rl.parallel import (
@@ -316,7 +317,8 @@ def training_steps(config: MasterConfig) -> Iterator[dict[str, Any]]:
         use_distributed_optimizer=p.use_distributed_optimizer,
         trace_routes=config.logger.route_traces and worker_replay.installs_router,
     )
-    engine = RolloutEngine(
+    engine = build_generation_backend(
+        config.generation,
         bf16_engine_config(model.config),
         model.vocab_size,
         model.max_sequence_length,
@@ -417,7 +419,7 @@ def _validate(
     validator: Validator,
     config: MasterConfig,
     worker: PolicyWorker,
-    engine: RolloutEngine,
+    engine: GenerationBackend,
     max_new: int,
     step: int,
 ) -> dict[str, float]:
@@ -538,7 +540,7 @@ def _grpo_step(
     config: MasterConfig,
     task: Task,
     worker: PolicyWorker,
-    engine: RolloutEngine,
+    engine: GenerationBackend,
     loss_fn: ClippedPGLossFn,
     rng: random.Random,
     sampler: torch.Generator,
