@@ -21,7 +21,12 @@ import torch
 
 from megatron_pr2.rl.data import DataConfig, DatasetError, Problem, load_problems
 from megatron_pr2.rl.reward import make_reward
-from megatron_pr2.rl.task import Prompt, SupervisedExample, collate_supervised
+from megatron_pr2.rl.task import (
+    Prompt,
+    SupervisedExample,
+    collate_supervised,
+    supervised_example,
+)
 from megatron_pr2.rl.tokenizer import HFTokenizer
 
 __all__ = ["DatasetTask"]
@@ -119,12 +124,7 @@ class DatasetTask:
 
     # -- supervised warm start (tiny models only; pretrained checkpoints skip it) -----------------
     def supervised_examples(self, n: int, rng: random.Random | int) -> list[SupervisedExample]:
-        out = []
-        for p in self.make_prompts(n, rng):
-            tokens = p.tokens + p.answer_tokens
-            mask = [0] * len(p.tokens) + [1] * len(p.answer_tokens)
-            out.append(SupervisedExample(tokens=tokens, loss_mask=mask, prompt=p))
-        return out
+        return [supervised_example(p) for p in self.make_prompts(n, rng)]
 
     def collate(self, examples: Sequence[SupervisedExample]) -> dict[str, torch.Tensor]:
         return collate_supervised(examples, self.tokenizer.pad_id)

@@ -24,6 +24,7 @@ __all__ = [
     "SyntheticTask",
     "TaskConfig",
     "collate_supervised",
+    "supervised_example",
 ]
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
@@ -211,15 +212,17 @@ class SyntheticTask:
     # -- supervised warm start -----------------------------------------------------------------
     def supervised_examples(self, n: int, rng: random.Random | int) -> list[SupervisedExample]:
         """Prompt + correct answer + eos, with the loss on the answer and eos only."""
-        out = []
-        for p in self.make_prompts(n, rng):
-            tokens = p.tokens + p.answer_tokens
-            mask = [0] * len(p.tokens) + [1] * len(p.answer_tokens)
-            out.append(SupervisedExample(tokens=tokens, loss_mask=mask, prompt=p))
-        return out
+        return [supervised_example(p) for p in self.make_prompts(n, rng)]
 
     def collate(self, examples: Sequence[SupervisedExample]) -> dict[str, torch.Tensor]:
         return collate_supervised(examples, self.tokenizer.pad_id)
+
+
+def supervised_example(prompt: Prompt) -> SupervisedExample:
+    """Prompt + its answer tokens (eos included), the loss on the answer part only."""
+    tokens = prompt.tokens + prompt.answer_tokens
+    mask = [0] * len(prompt.tokens) + [1] * len(prompt.answer_tokens)
+    return SupervisedExample(tokens=tokens, loss_mask=mask, prompt=prompt)
 
 
 def collate_supervised(
