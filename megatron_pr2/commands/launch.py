@@ -90,10 +90,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"pr2 launch: {exc}", file=sys.stderr)
         return 2
     if not args.skip_check:
-        result = check_recipe(recipe, _flags(args))
+        # a dry run only prints the job: unconverted weights are a warning there
+        missing = "warn" if args.dryrun else "error"
+        result = check_recipe(recipe, _flags(args), missing_weights=missing)
         if not result.ok:
             print(format_result(recipe, result), file=sys.stderr)
             return 1
+        for message in result.warnings:
+            print(f"pr2 launch: warning: {message}", file=sys.stderr)
     try:
         import nemo_run  # noqa: F401
     except ImportError:

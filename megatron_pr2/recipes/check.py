@@ -387,8 +387,35 @@ def estimate_activations(shape: ModelShape, lay: Layout, recipe: Recipe) -> Acti
     )
 
 
-def check_recipe(recipe: Recipe, cluster_flags: dict[str, Any] | None = None) -> CheckResult:
-    """Run every check; never raises for a bad recipe, returns the messages instead."""
+def _check_weights(recipe: Recipe, model_path: str | None, lay: Layout) -> str | None:
+    """The refusal of a ``model.checkpoint`` (or ``policy.model_path``) that was never
+    converted, with the ``pr2 convert hf-to-mcore`` line for this recipe's layout; None when
+    the weights are there or the run uses none (``model.random_init``, the tiny GPT)."""
+    from megatron_pr2.convert.required import (
+        convert_command,
+        is_converted,
+        not_converted_message,
+    )
+
+    if model_path is None or is_converted(model_path):
+        return None
+    model = recipe.section("model")
+    from_model = not recipe.get("policy.model_path") and model.get("checkpoint")
+    key = "model.checkpoint" if from_model else "policy.model_path"
+    hf_path = model.get("hf_path")
+    command = convert_command(hf_path, model_path, lay.tp, lay.pp, lay.ep, lay.etp)
+    return not_converted_message(key, model_path, command)
+
+
+def check_recipe(
+    recipe: Recipe,
+    cluster_flags: dict[str, Any] | None = None,
+    missing_weights: str = "error",
+) -> CheckResult:
+    """Run every check; never raises for a bad recipe, returns the messages instead.
+
+    ``missing_weights``: what a ``model.checkpoint`` without converted weights is, ``"error"``
+    (check-recipe, a real launch) or ``"warn"`` (a dry run, which only prints the job)."""
     result = CheckResult()
     errors, warn = result.errors, result.warnings
     try:
@@ -420,6 +447,9 @@ def check_recipe(recipe: Recipe, cluster_flags: dict[str, Any] | None = None) ->
         return result
     _check_shape(recipe, shape, errors)
     _check_parallel(shape, lay, errors, warn)
+    unconverted = _check_weights(recipe, config.policy.model_path, lay)
+    if unconverted:
+        (warn if missing_weights == "warn" else errors).append(unconverted)
 
     g = config.grpo
     batch = g.num_prompts_per_step * g.num_generations_per_prompt

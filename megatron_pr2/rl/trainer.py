@@ -33,6 +33,7 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig
 
 from megatron_pr2.config import RouterReplayConfig
+from megatron_pr2.convert.required import require_converted
 from megatron_pr2.errors import ConfigError
 from megatron_pr2.models.gpt import (
     LMBatch,
@@ -287,6 +288,14 @@ def training_steps(config: MasterConfig) -> Iterator[dict[str, Any]]:
             "torch.distributed is not initialised: use examples/train.py or `pr2 train`"
         )
     g, p = config.grpo, config.policy
+    if p.model_path is not None:  # before the tokenizer is read from it: name the fix
+        require_converted(
+            p.model_path,
+            tp=p.tensor_model_parallel_size,
+            pp=p.pipeline_model_parallel_size,
+            ep=p.expert_model_parallel_size,
+            etp=p.expert_tensor_parallel_size,
+        )
     ensure_model_parallel(
         ParallelSizes(
             tensor=p.tensor_model_parallel_size,
