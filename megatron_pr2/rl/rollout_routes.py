@@ -16,7 +16,13 @@ import torch
 
 from megatron_pr2.rl.engine import rollout_layouts
 from megatron_pr2.routes.layout import RankCoords, batch_routes
-from megatron_pr2.routes.payload import RoutePayload, RouteSpec, parse_routes, parse_vllm
+from megatron_pr2.routes.payload import (
+    RoutePayload,
+    RouteSpec,
+    VllmRoutes,
+    parse_routes,
+    parse_vllm,
+)
 
 __all__ = ["rollout_routes"]
 
@@ -33,14 +39,26 @@ def rollout_routes(
     source: str,
 ) -> dict[int, list[torch.Tensor]]:
     """``per_sample[i]``: sample ``i``'s routes ``[rows, layers, topk]`` (``rows`` =
-    ``lengths[i] - 1`` or ``lengths[i]``). ``layers``: the global MoE layer numbers of this
+    ``lengths[i] - 1`` or ``lengths[i]``), or for ``vllm`` a :class:`VllmRoutes` (prompt and
+    completion rows apart, as vLLM returns them). ``layers``: the global MoE layer numbers of this
     rank's routers. ``source``: ``vllm`` routes are parsed as vLLM's ``routed_experts`` (full
     row checks, untrusted input); any other name marks routes this process recorded itself."""
     if len(per_sample) != len(lengths):
         raise ValueError(f"routes for {len(per_sample)} samples, but {len(lengths)} lengths")
     payloads: list[RoutePayload] = []
     for i, (rows, n) in enumerate(zip(per_sample, lengths)):
-        if source == "vllm":
+        if source == "vllm" and isinstance(rows, VllmRoutes):  # vLLM's split layout
+            payloads.append(
+                parse_vllm(
+                    i,
+                    rows.generated,
+                    num_tokens=int(n),
+                    spec=spec,
+                    prompt_routed_experts=rows.prompt,
+                    prompt_tokens=rows.prompt_tokens,
+                )
+            )
+        elif source == "vllm":
             payloads.append(parse_vllm(i, rows, num_tokens=int(n), spec=spec))
         else:  # our own routers' top-k: distinct by construction, only range-checked
             payloads.append(

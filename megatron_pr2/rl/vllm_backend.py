@@ -10,8 +10,8 @@ What vLLM must be started with for this contract:
 
 * ``enable_return_routed_experts=True``: each ``RequestOutput`` carries
   ``prompt_routed_experts`` ``[P, layers, topk]`` and each completion ``routed_experts``
-  ``[G, layers, topk]`` (int16); their concatenation is the sample's route rows, parsed by
-  :func:`megatron_pr2.routes.payload.parse_vllm` (``num_tokens - 1`` or ``num_tokens`` rows).
+  ``[G, layers, topk]`` (int16); :func:`megatron_pr2.routes.payload.parse_vllm` reads that
+  split layout (``P`` = the prompt's tokens, ``P + G`` = ``num_tokens - 1`` or ``num_tokens``).
 * ``logprobs_mode="raw_logprobs"`` and ``SamplingParams(logprobs=0)``: the sampled token's
   log-prob of the unmodified distribution, which is what the importance ratio needs.
 
@@ -23,14 +23,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from megatron_pr2.models.training import export_state_dict
 from megatron_pr2.rl.engine import Rollout
 from megatron_pr2.rl.rollout_routes import rollout_routes
 from megatron_pr2.routes.layout import RankCoords
-from megatron_pr2.routes.payload import RouteSpec
+from megatron_pr2.routes.payload import RouteSpec, VllmRoutes
 
 __all__ = ["VLLMBackend", "WeightSync", "rollout_from_vllm"]
 
@@ -142,7 +141,7 @@ def rollout_from_vllm(
         raise ValueError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
     sequences: list[list[int]] = []
     logprob_rows: list[list[float]] = []
-    route_rows: list[np.ndarray] = []
+    route_rows: list[Any] = []  # VllmRoutes, or combined rows
     for i, (output, prompt) in enumerate(zip(outputs, prompts)):
         reported = _get(output, "prompt_token_ids")
         if reported is not None and list(reported) != list(prompt):
@@ -157,7 +156,7 @@ def rollout_from_vllm(
         sequences.append(list(prompt) + ids)
         logprob_rows.append(_sampled_logprobs(i, ids, _get(completion, "logprobs")))
         if spec is not None:
-            route_rows.append(_sample_routes(i, output, completion))
+            route_rows.append(_sample_routes(i, output, completion, len(prompt)))
     batch = len(sequences)
     lengths = torch.tensor([len(s) for s in sequences], dtype=torch.int64)
     prompt_lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
@@ -214,22 +213,18 @@ def _sampled_logprobs(sample: int, ids: Sequence[int], logprobs: Any) -> list[fl
     return out
 
 
-def _sample_routes(sample: int, output: Any, completion: Any) -> np.ndarray:
-    """Prompt rows then completion rows: ``[P + G (or one fewer), layers, topk]``."""
+def _sample_routes(sample: int, output: Any, completion: Any, prompt_tokens: int) -> Any:
+    """vLLM's routes of one sample as it returns them: the request's ``prompt_routed_experts``
+    and the completion's ``routed_experts`` apart (:class:`VllmRoutes`, parsed by
+    :func:`parse_vllm`), or the completion's rows alone from an engine that reports the whole
+    sequence there."""
     generated = _get(completion, "routed_experts")
     if generated is None:
         raise ValueError(
             f"sample {sample}: no routed_experts in vLLM's completion (start vLLM with "
             "enable_return_routed_experts=True)"
         )
-    generated = np.asarray(generated)
     prompt = _get(output, "prompt_routed_experts")
     if prompt is None:  # an engine that reports the whole sequence on the completion
         return generated
-    prompt = np.asarray(prompt)
-    if prompt.ndim != 3 or generated.ndim != 3 or prompt.shape[1:] != generated.shape[1:]:
-        raise ValueError(
-            f"sample {sample}: prompt_routed_experts {prompt.shape} and routed_experts "
-            f"{generated.shape} do not stack into [tokens, layers, topk]"
-        )
-    return np.concatenate([prompt, generated])
+    return VllmRoutes(prompt, generated, prompt_tokens)

@@ -36,7 +36,7 @@ from __future__ import annotations
 import binascii
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import numpy as np
 import torch
@@ -195,12 +195,62 @@ def parse_routes(
     return RoutePayload(sample_id, routes, spec.moe_layers, spec.num_experts)
 
 
+class VllmRoutes(NamedTuple):
+    """One sample's routes in vLLM's split layout, as :func:`parse_vllm` reads them:
+    ``prompt`` (the request output's ``prompt_routed_experts``), ``generated`` (the
+    completion's ``routed_experts``) and the prompt's token count."""
+
+    prompt: Any
+    generated: Any
+    prompt_tokens: int | None = None
+
+
 def parse_vllm(
-    sample_id: int, routed_experts: Any, *, num_tokens: int, spec: RouteSpec
+    sample_id: int,
+    routed_experts: Any,
+    *,
+    num_tokens: int,
+    spec: RouteSpec,
+    prompt_routed_experts: Any = None,
+    prompt_tokens: int | None = None,
 ) -> RoutePayload:
-    """vLLM ``routed_experts``: int16 ``[num_tokens - 1 (or num_tokens), layers, topk]``."""
+    """vLLM's routes of one sample (``enable_return_routed_experts``), int16.
+
+    Split layout (what vLLM returns): ``prompt_routed_experts`` ``[P, layers, topk]`` from the
+    request output and the completion's ``routed_experts`` ``[G, layers, topk]``, prompt rows
+    first; ``P + G`` is ``num_tokens - 1`` or ``num_tokens``. ``prompt_tokens``, when given,
+    must equal ``P``: a prompt whose rows are short (e.g. a prefix-cache hit that skipped the
+    routers) would otherwise shift every completion row onto the wrong token.
+    Combined layout (older engines): ``routed_experts`` alone holds all rows,
+    ``[num_tokens - 1 (or num_tokens), layers, topk]``.
+    """
+    if prompt_routed_experts is None:
+        return parse_routes(
+            sample_id,
+            routed_experts,
+            num_tokens=num_tokens,
+            spec=spec,
+            source="vllm routed_experts",
+        )
+    where = f"sample {sample_id}"
+    prompt = codec.as_numpy(prompt_routed_experts, what=f"{where} (vllm prompt_routed_experts)")
+    generated = codec.as_numpy(routed_experts, what=f"{where} (vllm routed_experts)")
+    if prompt.ndim != 3 or generated.ndim != 3 or prompt.shape[1:] != generated.shape[1:]:
+        raise ValueError(
+            f"{where} (vllm): prompt_routed_experts {tuple(prompt.shape)} and routed_experts "
+            f"{tuple(generated.shape)} do not stack into [tokens, layers, topk]"
+        )
+    if prompt_tokens is not None and prompt.shape[0] != prompt_tokens:
+        raise ValueError(
+            f"{where} (vllm prompt_routed_experts): {prompt.shape[0]} rows for a prompt of "
+            f"{prompt_tokens} tokens (one row per prompt token expected)"
+        )
     return parse_routes(
-        sample_id, routed_experts, num_tokens=num_tokens, spec=spec, source="vllm routed_experts"
+        sample_id,
+        np.concatenate([prompt, generated]),
+        num_tokens=num_tokens,
+        spec=spec,
+        source="vllm prompt_routed_experts + routed_experts",
     )
 
 
@@ -298,7 +348,8 @@ def parse_engine_output(
     sample_id: int, output: Any, *, num_tokens: int, spec: RouteSpec
 ) -> RoutePayload:
     """Dispatch on the shape of an engine's per-sample output (mapping or object):
-    ``routed_experts`` array (vLLM), ``routed_experts`` / ``meta_info.routed_experts`` string
+    ``routed_experts`` array (vLLM; with ``prompt_routed_experts`` beside it, the split layout),
+    ``routed_experts`` / ``meta_info.routed_experts`` string
     (SGLang), ``routing_indices`` (megatron-core)."""
 
     def get(obj: Any, key: str) -> Any:
@@ -314,7 +365,13 @@ def parse_engine_output(
         if isinstance(value, (str, bytes)):
             return parse_sglang(sample_id, value, num_tokens=num_tokens, spec=spec)
         if value is not None:
-            return parse_vllm(sample_id, value, num_tokens=num_tokens, spec=spec)
+            return parse_vllm(
+                sample_id,
+                value,
+                num_tokens=num_tokens,
+                spec=spec,
+                prompt_routed_experts=get(holder, "prompt_routed_experts"),
+            )
         value = get(holder, "routing_indices")
         if value is not None:
             return parse_mcore(sample_id, value, num_tokens=num_tokens, spec=spec)
