@@ -116,7 +116,7 @@ class CompatRouterReplay(RouterReplayState, RouterReplay):
     @recorded_topk_idx.setter
     def recorded_topk_idx(self, indices: torch.Tensor | None) -> None:
         if indices is None:
-            self.recorded = []
+            self.recorded = self._no_records()
         else:
             self.recorded.append(indices)
 
@@ -164,28 +164,43 @@ class CompatRouterReplay(RouterReplayState, RouterReplay):
         self._set_target(topk_indices)
 
     def get_recorded_indices(self) -> torch.Tensor | None:
-        """The top-k of the last recorded forward (pr2: the predicted top-k)."""
-        indices = self.recorded[-1] if self.recorded else None
-        buffer = getattr(self, "static_buffer", None)  # megatron >= 0.19 (CUDA graphs)
-        if indices is None or buffer is None:
-            return indices
-        buffer[: indices.shape[0]].copy_(indices)
-        return buffer[: indices.shape[0]]
+        """The top-k of the last recorded forward (pr2: the predicted top-k; a view of the
+        static buffer while one is set)."""
+        return self.recorded[-1] if self.recorded else None
 
     def record_indices(self, topk_indices: torch.Tensor) -> None:
         self.recorded.append(topk_indices)
+
+    def set_static_buffer(self, buffer: torch.Tensor) -> None:
+        """megatron >= 0.19 (CUDA-graph inference): every record is copied into ``buffer`` when
+        it is taken, inside the forward, as megatron's ``record_indices`` does."""
+        self.static_buffer = buffer
+        self.recorded = _BufferedRecords(self.recorded, buffer)
+
+    def clear_static_buffer(self) -> None:
+        self.static_buffer = None
+        self.recorded = list(self.recorded)
 
     def clear_indices(self) -> None:
         """Drop targets, records and the recompute FIFO; keep the action (as megatron does) and
         the PR2 mini-step setting."""
         self._targets.route = None
-        self.recorded = []
+        self.recorded = self._no_records()
         self._recompute_queue.clear()
         self._recompute_microbatches.clear()
         self._staged_indices = None
         self._pending_loss = None
 
     def set_router_replay_action(self, router_replay_action: RouterReplayAction | None) -> None:
+        """Map megatron's action onto ours (see the module doc). Under ``torch.inference_mode``
+        (0.19's inference engine sets RECORD before every decode step) no backward can follow,
+        so the recompute FIFO is dropped and only the last record kept: bounded memory over a
+        rollout, as megatron's overwrite gives."""
+        if torch.is_inference_mode_enabled():
+            self._recompute_queue.clear()
+            self._recompute_microbatches.clear()
+            if len(self.recorded) > 1:
+                del self.recorded[:-1]
         action = router_replay_action
         if action is None:
             internal = RouteAction.LIVE
@@ -260,12 +275,31 @@ class CompatRouterReplay(RouterReplayState, RouterReplay):
             self.predictor.cache_features = False
         self.action = internal
 
+    def _no_records(self) -> list[torch.Tensor]:
+        buffer = getattr(self, "static_buffer", None)
+        return [] if buffer is None else _BufferedRecords([], buffer)
+
     def _set_target(self, indices: torch.Tensor | None) -> None:
         if indices is None:
             self._targets.route = None
             return
         device = None if self._device_of is None else self._device_of.device
         self._targets.route = self.prepare(indices, self._cursor, device)
+
+
+class _BufferedRecords(list):
+    """The records of a router with a megatron static buffer: each is copied into the buffer as
+    it is taken (inside the forward, so a captured CUDA graph copies too) and kept as the
+    buffer's view, as megatron's ``record_indices`` keeps it."""
+
+    def __init__(self, records: list[torch.Tensor], buffer: torch.Tensor) -> None:
+        super().__init__(records)
+        self.buffer = buffer
+
+    def append(self, indices: torch.Tensor) -> None:
+        rows = indices.shape[0]
+        self.buffer[:rows].copy_(indices)
+        super().append(self.buffer[:rows])
 
 
 def _register_weakly(router: CompatRouterReplay) -> None:

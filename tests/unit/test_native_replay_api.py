@@ -339,14 +339,40 @@ def test_recompute_keeps_the_route_when_the_action_is_cleared_before_backward(wo
     megatron_core_version() < Version("0.19"), reason="static buffers are new in 0.19"
 )
 def test_recorded_indices_land_in_megatrons_static_buffers(world1):
+    """0.19's CUDA-graph inference path reads the static buffer itself, not get_recorded_data:
+    the copy happens in the forward."""
     built = h.build("ours")
+    batches = h.make_batches(1)
+    with routing_maps(built.chunks) as live:
+        run(built.chunks, batches, forward_only=True)
     buffer = torch.full((TOKENS + 3, len(LAYERS), h.SHAPE.moe_router_topk), -7)
     RouterReplay.set_global_static_buffers(buffer)
-    recorded = record_natively(built.chunks, h.make_batches(1))
+    RouterReplay.set_global_router_replay_action(A.RECORD)
+    run(built.chunks, batches, forward_only=True)
     for i, layer in enumerate(LAYERS):
-        assert torch.equal(buffer[:TOKENS, i], recorded[layer][0])
+        assert torch.equal(one_hot(buffer[:TOKENS, i]), live[layer][0]), layer
     assert (buffer[TOKENS:] == -7).all()
+    recorded = RouterReplay.get_recorded_data()
+    assert all(r.data_ptr() == buffer[:, i].data_ptr() for i, r in enumerate(recorded))
     RouterReplay.clear_global_static_buffers()
+    end_step()
+
+
+def test_inference_mode_recording_holds_one_step_of_routes(world1):
+    """Like 0.19's inference engine: RECORD set before every step under inference_mode, never
+    cleared; each router keeps a bounded number of routes (no backward can need old ones)."""
+    built = h.build("ours")
+    batches = h.make_batches(1)
+    states = list(RouterReplay.global_router_replay_instances)
+    with torch.inference_mode():
+        for _ in range(5):
+            RouterReplay.set_global_router_replay_action(A.RECORD)
+            run(built.chunks, batches, forward_only=True)
+            # This step's record and its FIFO entry, and the step before's record (megatron
+            # keeps it until overwritten): a bound that does not grow with the steps.
+            assert all(s.routes_held <= 3 for s in states)
+    assert RouterReplay.get_recorded_data()[0].shape == (TOKENS, h.SHAPE.moe_router_topk)
+    end_step()
 
 
 # ------------------------------------------------------------------ PR2 through native calls
