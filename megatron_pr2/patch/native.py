@@ -24,7 +24,11 @@ two drivers; megatron's documented behaviour, with these fixes:
   before it, and ``predictor_frozen_unless(optimizer, active=mini_step >= 1)`` around its
   ``optimizer.step()`` (see ``megatron_pr2.predictor.optim``).
 * **No leak**: megatron's instance list is class-level and only grows; ours are registered as
-  weak proxies that leave the list when their router is collected.
+  weak proxies that leave the list when their router is collected. Under
+  ``torch.inference_mode`` (0.19's inference engine sets ``RECORD`` before every step and never
+  clears) each action call drops what no backward can need, so routes held stay bounded.
+* **Static buffers** (0.19, CUDA-graph inference): records are copied into the buffer inside
+  the forward, as megatron's ``record_indices`` does.
 
 Action changes never drop routes a pending backward still needs (a caller may switch actions per
 microbatch). Entering ``RECORD`` or ``REPLAY_*`` from another action starts a new pass: the FIFO of
