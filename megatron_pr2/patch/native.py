@@ -30,11 +30,13 @@ two drivers; megatron's documented behaviour, with these fixes:
 * **Static buffers** (0.19, CUDA-graph inference): records are copied into the buffer inside
   the forward, as megatron's ``record_indices`` does.
 
-Action changes never drop routes a pending backward still needs (a caller may switch actions per
-microbatch). Entering ``RECORD`` or ``REPLAY_*`` from another action starts a new pass: the FIFO of
-the previous pass (e.g. a forward-only log-prob pass, never recomputed) is dropped, and entering
-``RECORD`` starts a new PR2 feature cache. As megatron asks, call
-``RouterReplay.clear_global_indices()`` after every step.
+Action changes never drop routes a pending backward still needs (a caller may switch or clear
+actions per microbatch). A ``RECORD`` pass after a ``REPLAY`` pass or the reverse (with or
+without a cleared action between them) starts a new pass: the FIFO of the previous one (e.g. a
+forward-only pass, never recomputed) is dropped, and a new ``RECORD`` pass starts a new PR2
+feature cache. As megatron asks, call ``RouterReplay.clear_global_indices()`` after every step,
+and also between a forward-only pass and a training pass that replay the same way: routes of
+forwards that are never recomputed stay queued until then.
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ class CompatRouterReplay(RouterReplayState, RouterReplay):
         when set, instead of on every forward as megatron does."""
         self._targets = _TargetPlan()
         self._native: tuple[RouteAction, RouterReplayAction | None] = (RouteAction.LIVE, None)
+        self._pass_kind: RouteAction | None = None  # RECORD or REPLAY: the native pass running
         self._device_of = device_of
         RouterReplayState.__init__(self, num_experts, topk, collect_metrics, metrics_token_stride)
         # megatron's own constructor sets its per-version fields (0.19: static_buffer,
@@ -190,6 +193,7 @@ class CompatRouterReplay(RouterReplayState, RouterReplay):
         the PR2 mini-step setting."""
         self._targets.route = None
         self.recorded = self._no_records()
+        self._pass_kind = None  # the next RECORD or REPLAY starts a new pass
         self._recompute_queue.clear()
         self._recompute_microbatches.clear()
         self._staged_indices = None
@@ -258,25 +262,25 @@ class CompatRouterReplay(RouterReplayState, RouterReplay):
 
     # ------------------------------------------------------------------ internals
     def _enter(self, internal: RouteAction) -> None:
-        """Start a natively driven pass of ``internal`` (never drops routes on LIVE: a pending
-        recompute may still need them)."""
-        if internal is RouteAction.LIVE:
-            self.action = internal
-            return
-        self._recompute_queue.clear()
-        self._recompute_microbatches.clear()
-        self._staged_indices = None
-        self._pending_loss = None
-        if internal is RouteAction.RECORD:
-            self._plan = ()
-            self._cursor = 0
+        """Switch to ``internal``. Routes queued for a recompute are dropped only when a
+        ``RECORD`` pass follows a ``REPLAY`` pass or the reverse (directly or through no
+        action), or after ``clear_indices``: a caller that clears the action after each forward
+        (under 1F1B, before earlier microbatches' backwards) keeps them."""
+        if internal is not RouteAction.LIVE and internal is not self._pass_kind:
+            self._recompute_queue.clear()
+            self._recompute_microbatches.clear()
+            self._staged_indices = None
+            self._pending_loss = None
+            if internal is RouteAction.RECORD:  # a new record pass: a new batch
+                self._cursor = 0
+                if self.predictor is not None:
+                    self.predictor.start_recording()
+                    self.predictor.compute_loss = False
+            self._pass_kind = internal
+        if internal is not RouteAction.LIVE:
+            self._plan = self._targets if internal is RouteAction.REPLAY else ()
             if self.predictor is not None:
-                self.predictor.start_recording()
-                self.predictor.compute_loss = False
-        else:
-            self._plan = self._targets
-        if self.predictor is not None:
-            self.predictor.cache_features = False
+                self.predictor.cache_features = False
         self.action = internal
 
     def _no_records(self) -> list[torch.Tensor]:

@@ -123,7 +123,11 @@ class _IndexedBatches:
 
 
 def train_pass_native(
-    built: Built, batches: list[LMBatch], routes, switch_backward: bool = False
+    built: Built,
+    batches: list[LMBatch],
+    routes,
+    switch_backward: bool = False,
+    clear_after_forward: bool = False,
 ) -> list[dict]:
     """Arm megatron's native replay per microbatch inside the forward step (as NeMo-RL does),
     with the action left at REPLAY_FORWARD, which is what megatron-core documents.
@@ -132,6 +136,8 @@ def train_pass_native(
     or ours). ``switch_backward``: also switch every instance to REPLAY_BACKWARD when the
     gradient reaches a microbatch's output, i.e. before that microbatch's recompute (the
     caller-side switch megatron's native replay needs under pipelining; megatron has no hook).
+    ``clear_after_forward``: clear every action right after each microbatch's forward (before
+    its backward and, under 1F1B, before earlier microbatches' backwards).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
@@ -148,6 +154,8 @@ def train_pass_native(
                 replay.set_target_indices(routes[module.layer_number][microbatch])
                 replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
         output, loss_func = lm_forward_step(data_iterator, model)
+        if clear_after_forward:
+            RouterReplay.clear_global_router_replay_action()
         if switch_backward and output.requires_grad:
             output.register_hook(to_backward)
         return output, loss_func
@@ -181,7 +189,8 @@ def recompute_gap(
     """Max |grad(recompute) - grad(no recompute)| over this rank's params, replay active.
 
     ``driver``: ``session`` (ReplaySession), ``native`` (megatron's RouterReplay API with
-    REPLAY_FORWARD only) or ``native_backward`` (plus the caller-side REPLAY_BACKWARD switch);
+    REPLAY_FORWARD only), ``native_backward`` (plus the caller-side REPLAY_BACKWARD switch) or
+    ``native_clear`` (the action cleared after each forward);
     default: ``session`` for ``ours``, ``native`` otherwise.
     """
     batches = make_batches(num_microbatches)
@@ -191,6 +200,7 @@ def recompute_gap(
         "session": train_pass_ours,
         "native": train_pass_native,
         "native_backward": lambda b, mbs, r: train_pass_native(b, mbs, r, switch_backward=True),
+        "native_clear": lambda b, mbs, r: train_pass_native(b, mbs, r, clear_after_forward=True),
     }
     train = trains[driver]
     results = []
