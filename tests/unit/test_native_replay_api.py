@@ -335,6 +335,20 @@ def test_recompute_keeps_the_route_when_the_action_is_cleared_before_backward(wo
     assert h.max_grad_diff(*results) <= 1e-6
 
 
+def test_a_record_pass_leaves_no_queued_routes_for_the_replay_pass_that_follows(world1):
+    """R2 by native calls without clear_global_indices between the forward-only RECORD pass and
+    the training REPLAY pass: the recompute still takes the replayed routes, not recorded ones."""
+    batches, routes = h.make_batches(2), h.random_routes(2)
+    results = []
+    for recompute in ("off", "full"):
+        built = h.build("ours", recompute=recompute)
+        record_natively(built.chunks, batches)  # queues the live routes of two forwards
+        run(built.chunks, batches, before=set_microbatch(routes))
+        end_step()
+        results.append(h.grads(built.chunks))
+    assert h.max_grad_diff(*results) <= 1e-6
+
+
 @pytest.mark.skipif(
     megatron_core_version() < Version("0.19"), reason="static buffers are new in 0.19"
 )
