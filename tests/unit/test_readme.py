@@ -32,6 +32,8 @@ SHORT_RUN = [
     "policy.micro_batch_size=2",
     "logger.tensorboard_enabled=false",
     "logger.progress_bar=false",
+    "grpo.val_period=1",
+    "grpo.max_val_samples=4",
 ]
 
 
@@ -167,13 +169,14 @@ def test_expand_reads_the_readme_forms():
 
 
 def _readme_metric_names() -> tuple[list[str], list[str]]:
-    """Code spans that name metrics: trainer names (``train/``, ``timing/``, ``sft/``: keys of
+    """Code spans that name metrics: trainer names (``train/``, ``timing/``, ``sft/``,
+    ``validation/``: keys of
     ``metrics.jsonl``) and session names (``router_replay/``, ``pr2/``: ``session.metrics()``,
     which the trainer writes under ``train/`` or, for the old-log-prob pass, ``train/logprobs/``)."""
     prose = re.sub(r"^```.*?^```$", "", README.read_text(), flags=re.MULTILINE | re.DOTALL)
     spans = ["".join(s.split()) for s in re.findall(r"`([^`]+)`", prose)]
     name = r"[\w{},*/]+"
-    trainer = [s for s in spans if re.fullmatch(rf"(train|timing|sft)/{name}", s)]
+    trainer = [s for s in spans if re.fullmatch(rf"(train|timing|sft|validation)/{name}", s)]
     session = [s for s in spans if re.fullmatch(rf"(router_replay|pr2)/{name}", s)]
     return trainer, session
 
