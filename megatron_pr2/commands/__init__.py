@@ -13,4 +13,5 @@ COMMAND_MODULES: tuple[str, ...] = (
     "megatron_pr2.commands.analyze",
     "megatron_pr2.commands.check_recipe",
     "megatron_pr2.commands.launch",
+    "megatron_pr2.commands.smoke_assets",
 )

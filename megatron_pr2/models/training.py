@@ -107,8 +107,15 @@ def save_checkpoint(setup: TrainingSetup, directory: str | Path) -> None:
     """Model and optimizer to a megatron ``torch_dist`` checkpoint (any layout can load it)."""
     Path(directory).mkdir(parents=True, exist_ok=True)
     state = _model_sharded_state_dict(setup)
-    state["optimizer"] = setup.optimizer.sharded_state_dict(_flat(state))
+    state["optimizer"] = setup.optimizer.sharded_state_dict(_flat(state), metadata=_OPTIM_METADATA)
     dist_checkpointing.save(state, str(directory))
+
+
+# megatron's distributed optimizer defaults to 'fully_sharded_model_space', whose flattened
+# ShardedTensors its own dist_checkpointing refuses to save ("flattened_range is not
+# supported"); 'fully_reshardable' saves per-parameter state any layout can load. Optimizers
+# that are not distributed ignore the key.
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def _flat(model_state: dict) -> dict:
@@ -147,7 +154,9 @@ def _load_checkpoint(setup: TrainingSetup, directory: str | Path, load_optimizer
     unused_predictor = _unused_predictor_keys(state, directory)
     load_optimizer = load_optimizer and not missing_predictor and not unused_predictor
     if load_optimizer:
-        state["optimizer"] = setup.optimizer.sharded_state_dict(_flat(state), is_loading=True)
+        state["optimizer"] = setup.optimizer.sharded_state_dict(
+            _flat(state), is_loading=True, metadata=_OPTIM_METADATA
+        )
     # A model without predictor (r2, r3, none) may start from a PR2 checkpoint: only then are
     # unexpected keys allowed, and only the predictor's.
     strict = StrictHandling.LOG_UNEXPECTED if unused_predictor else StrictHandling.RAISE_ALL

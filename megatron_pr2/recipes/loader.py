@@ -15,6 +15,9 @@ carry sections only ``pr2 launch`` and ``pr2 check-recipe`` read:
 ``data:`` is trainer config (:class:`megatron_pr2.rl.data.DataConfig`): the dataset files, their
 columns and the reward.
 
+Relative input paths (:data:`INPUT_PATH_KEYS`: the model's folders, the data files) resolve
+against the folder of the file that sets them; on the command line, against the current one.
+
 These sections are removed before the trainer sees the config: :func:`trainer_values`.
 """
 
@@ -30,12 +33,14 @@ from typing import Any
 import yaml
 
 __all__ = [
+    "INPUT_PATH_KEYS",
     "LAUNCH_SECTIONS",
     "PARALLEL_KEYS",
     "Recipe",
     "RecipeError",
     "deep_merge",
     "load_recipe",
+    "resolve_input_paths",
     "trainer_values",
     "unsupported_parallel_keys",
 ]
@@ -96,6 +101,54 @@ def deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Input paths (not outputs: logger.log_dir / checkpointing.checkpoint_dir resolve in the job
+# dir, megatron_pr2.launch.nemo): relative ones resolve against the file that sets them.
+INPUT_PATH_KEYS = (
+    "model.checkpoint",
+    "model.hf_path",
+    "model.hf_config",
+    "data.train_files",
+    "data.val_files",
+    "policy.model_path",
+    "policy.tokenizer.name",
+)
+
+
+def _absolute(value: Any, base: Path) -> Any:
+    """``value`` (a path or a list of them) with relative entries joined to ``base``."""
+    if isinstance(value, list):
+        return [_absolute(v, base) for v in value]
+    if not isinstance(value, str) or not value:
+        return value
+    path = Path(value).expanduser()
+    return value if path.is_absolute() else str((base / path).resolve())
+
+
+def _resolve_dotted(values: dict[str, Any], key: str, base: Path) -> None:
+    node: Any = values
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict) and node.get(parts[-1]) is not None:
+        node[parts[-1]] = _absolute(node[parts[-1]], base)
+
+
+def resolve_input_paths(values: dict[str, Any], base: Path) -> None:
+    """Make the :data:`INPUT_PATH_KEYS` of one file (and of its variants) absolute from
+    ``base``, its folder: a recipe names its checkpoint and data next to itself or absolutely,
+    and means the same files whichever directory ``pr2`` runs in (the job's working directory
+    is not the launching one)."""
+    for key in INPUT_PATH_KEYS:
+        _resolve_dotted(values, key, base)
+    variants = values.get("variants")
+    if isinstance(variants, dict):
+        for body in variants.values():
+            if isinstance(body, dict):
+                for key in INPUT_PATH_KEYS:
+                    if body.get(key) is not None:
+                        body[key] = _absolute(body[key], base)
+
+
 def _read(path: Path, stack: tuple[Path, ...]) -> dict[str, Any]:
     path = path.resolve()
     if path in stack:
@@ -109,6 +162,7 @@ def _read(path: Path, stack: tuple[Path, ...]) -> dict[str, Any]:
         loaded = {}
     if not isinstance(loaded, dict):
         raise RecipeError(f"{path}: top level must be a mapping")
+    resolve_input_paths(loaded, path.parent)
     defaults = loaded.pop("defaults", None) or []
     if isinstance(defaults, str):
         defaults = [defaults]
@@ -157,7 +211,10 @@ def load_recipe(
         key, sep, raw = item.partition("=")
         if not sep:
             raise RecipeError(f"override {item!r} is not of the form a.b.c=value")
-        _set_dotted(values, key.strip(), yaml.safe_load(raw) if raw.strip() else None, item)
+        value = yaml.safe_load(raw) if raw.strip() else None
+        if key.strip() in INPUT_PATH_KEYS:  # a path typed on the command line: from the cwd
+            value = _absolute(value, Path.cwd())
+        _set_dotted(values, key.strip(), value, item)
     return Recipe(recipe_path, values, list(variants))
 
 

@@ -53,7 +53,8 @@ def test_converted_weights_or_random_init_pass(tmp_path: Path):
     ckpt.mkdir()
     (ckpt / "pr2_model.json").write_text("{}")
     assert check_recipe(recipe).ok
-    _, smoke = _qwen(tmp_path / "elsewhere", "model.random_init=true")
+    tokenizer = "policy.tokenizer.name=/models/tokenizer"  # data files need one
+    _, smoke = _qwen(tmp_path / "elsewhere", "model.random_init=true", tokenizer)
     assert check_recipe(smoke).ok
 
 
