@@ -22,10 +22,12 @@ engine and allocator slack are *not* included). With ``DP = W/(TP*PP*CP)``,
 * ``P_dense = (non_expert_params - embeddings) / (PP*TP) + embeddings_on_stage / TP`` (first stage
   holds the input embedding, last the output layer; with PP = 1 both);
 * ``P_expert = L_s * (N/EP) * 3*H*I_moe / ETP``;
-* weights ``2 B * (P_dense + P_expert)`` (bf16); grads ``4 B * (P_dense + P_expert)`` (fp32 grad
-  buffers, fp32 reduce as in the paper's runs);
-* optimizer (Adam, distributed optimizer: fp32 master + two moments)
-  ``12 B * (P_dense/DP + P_expert/EDP)``;
+* weights ``2 B * (P_dense + P_expert)`` with ``policy.precision: bfloat16`` (unset: bf16 for a
+  recipe's converted model, fp32 for the tiny GPT), else ``4 B``; grads ``4 B * (P_dense +
+  P_expert)`` (megatron's fp32 grad buffers, fp32 reduce as in the paper's runs);
+* optimizer (Adam): two fp32 moments plus, for bf16 weights, fp32 main params: ``s = 12 B``
+  (bf16) or ``8 B`` (fp32) per parameter; ``s * (P_dense/DP + P_expert/EDP)`` with
+  ``policy.use_distributed_optimizer``, else ``s * (P_dense + P_expert)``;
 * predictor (PR2 only; fp32, replicated over TP/EP/CP): ``P_pred = L_s*H*N``, weights + grads
   ``8 B * P_pred``, Adam moments ``8 B * P_pred / DP``;
 * tokens routed per rank and step, padded: ``T = B * S / (DP * CP * (TP if SP else 1))`` with
@@ -268,6 +270,15 @@ def _narrow_bytes(max_id: int) -> int:
     return 8
 
 
+def _trains_in_bf16(recipe: Recipe) -> bool:
+    """``policy.precision``; unset, a recipe's converted model trains in its checkpoint dtype
+    (``pr2 convert --dtype bfloat16``, what the recipes name) and the tiny GPT in fp32."""
+    precision = recipe.get("policy.precision")
+    if precision is None:
+        return bool(recipe.section("model"))
+    return precision == "bfloat16"
+
+
 def estimate_memory(shape: ModelShape, lay: Layout, recipe: Recipe, mode: str) -> MemoryEstimate:
     """The per-GPU estimate documented in this module's docstring."""
     h, n = shape.hidden_size, shape.num_experts
@@ -278,9 +289,20 @@ def estimate_memory(shape: ModelShape, lay: Layout, recipe: Recipe, mode: str) -
     moe_per_stage = math.ceil(shape.moe_layers / lay.pp)
     p_expert = moe_per_stage * (n / lay.ep) * 3 * h * shape.moe_ffn_hidden_size / lay.etp
     est = MemoryEstimate()
-    est.device["weights (bf16)"] = 2 * (p_dense + p_expert)
+    bf16 = _trains_in_bf16(recipe)
+    distributed = bool(recipe.get("policy.use_distributed_optimizer", False))
+    est.device[f"weights ({'bf16' if bf16 else 'fp32'})"] = (2 if bf16 else 4) * (
+        p_dense + p_expert
+    )
     est.device["grads (fp32)"] = 4 * (p_dense + p_expert)
-    est.device["optimizer (Adam, distributed)"] = 12 * (p_dense / lay.dp + p_expert / lay.edp)
+    # Adam's two fp32 moments, plus fp32 main params when the weights are bf16
+    state = 12 if bf16 else 8
+    if distributed:
+        optimizer = state * (p_dense / lay.dp + p_expert / lay.edp)
+    else:
+        optimizer = state * (p_dense + p_expert)
+    kind = "distributed" if distributed else "replicated"
+    est.device[f"optimizer (Adam, {kind})"] = optimizer
     if mode in ("pr2", "pr2_r3"):
         p_pred = moe_per_stage * h * n
         est.device["predictor (fp32 + grad + Adam)"] = 8 * p_pred + 8 * p_pred / lay.dp
