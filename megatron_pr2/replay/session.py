@@ -27,6 +27,7 @@ from megatron_pr2.predictor import state as predictor_state
 from megatron_pr2.replay import metrics as replay_metrics
 from megatron_pr2.replay.keys import MicrobatchKeys
 from megatron_pr2.replay.state import PlannedRoute, RouteAction, RouterReplayState
+from megatron_pr2.replay.token_routes import TokenRoutes
 
 Routes = Mapping[int, Sequence["torch.Tensor | None"]]
 
@@ -80,10 +81,21 @@ class RouteRecord:
     """Routes recorded in one pass; filled when the ``recording()`` block exits."""
 
     routes: PreparedRoutes = field(default_factory=lambda: PreparedRoutes({}))
+    token_keys: list[torch.Tensor] | None = None  # host keys per microbatch, when given
 
     @property
     def num_microbatches(self) -> int:
         return len(next(iter(self.routes.plans.values()), []))
+
+    def by_token(self) -> TokenRoutes:
+        """The routes keyed by token, for update passes that micro-batch, order or pack the
+        samples differently (see ``replay.token_routes``); needs a recording given keys."""
+        if self.token_keys is None:
+            raise ValueError(
+                "routes recorded without token keys cannot follow the token; pass "
+                "recording(token_keys) (sample << 32 | position per router row)"
+            )
+        return TokenRoutes.from_microbatches(self.routes, self.token_keys)
 
 
 @dataclass
@@ -172,9 +184,13 @@ class ReplaySession:
         ``token_keys``: per microbatch, ``[tokens]`` int64 keys (``sample << 32 | position``,
         see ``predictor.cache.token_keys``) in the router's token order; without them tokens are
         keyed by (microbatch, row), which requires the same micro-batching in the update passes.
+        With keys, ``record.by_token()`` gives routes that follow the token into passes that
+        micro-batch, order or pack the samples differently.
         """
         record = RouteRecord()
         token_keys = self._on_device(token_keys)
+        if token_keys is not None and all(k is not None for k in token_keys):
+            record.token_keys = [k.host for k in token_keys]
         for state in self._states():
             if state.predictor is not None:
                 state.predictor.start_recording()
