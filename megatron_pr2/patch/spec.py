@@ -48,22 +48,28 @@ def _rewrite(spec: Any, router: Callable[..., Any]) -> tuple[Any, int]:
         return (dataclasses.replace(spec, submodules=submodules), n) if n else (spec, 0)
     if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
         # TransformerBlockSubmodules (layer_specs list), TransformerLayerSubmodules (mlp field).
-        changes: dict[str, Any] = {}
-        total = 0
-        for field in dataclasses.fields(spec):
-            value = getattr(spec, field.name)
-            if isinstance(value, list):
-                rewritten = [_rewrite(item, router) for item in value]
-                count = sum(n for _, n in rewritten)
-                if count:
-                    changes[field.name] = [s for s, _ in rewritten]
-            else:
-                new_value, count = _rewrite(value, router)
-                if count:
-                    changes[field.name] = new_value
-            total += count
-        return (dataclasses.replace(spec, **changes), total) if total else (spec, 0)
+        return _rewrite_fields(spec, lambda item: _rewrite(item, router))
     return spec, 0
+
+
+def _rewrite_fields(spec: Any, rewrite: Callable[[Any], tuple[Any, int]]) -> tuple[Any, int]:
+    """``rewrite`` applied to every field of a spec dataclass (and to each item of a list
+    field); returns (a copy with the changed fields, or ``spec`` itself, number of changes)."""
+    changes: dict[str, Any] = {}
+    total = 0
+    for field in dataclasses.fields(spec):
+        value = getattr(spec, field.name)
+        if isinstance(value, list):
+            rewritten = [rewrite(item) for item in value]
+            count = sum(n for _, n in rewritten)
+            if count:
+                changes[field.name] = [s for s, _ in rewritten]
+        else:
+            new_value, count = rewrite(value)
+            if count:
+                changes[field.name] = new_value
+        total += count
+    return (dataclasses.replace(spec, **changes), total) if total else (spec, 0)
 
 
 def with_replay_router(
@@ -95,21 +101,7 @@ def _with_layer_class(spec: Any, layer_cls: type) -> tuple[Any, int]:
         submodules, n = _with_layer_class(spec.submodules, layer_cls)
         return (dataclasses.replace(spec, submodules=submodules), n) if n else (spec, 0)
     if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
-        changes: dict[str, Any] = {}
-        total = 0
-        for field in dataclasses.fields(spec):
-            value = getattr(spec, field.name)
-            if isinstance(value, list):
-                rewritten = [_with_layer_class(item, layer_cls) for item in value]
-                count = sum(n for _, n in rewritten)
-                if count:
-                    changes[field.name] = [s for s, _ in rewritten]
-            else:
-                new_value, count = _with_layer_class(value, layer_cls)
-                if count:
-                    changes[field.name] = new_value
-            total += count
-        return (dataclasses.replace(spec, **changes), total) if total else (spec, 0)
+        return _rewrite_fields(spec, lambda item: _with_layer_class(item, layer_cls))
     return spec, 0
 
 
