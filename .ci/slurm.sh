@@ -54,7 +54,7 @@ echo "=== launch tests ($VENV): dry runs, LocalExecutor torchrun x2, real SLURM 
 # of other pytest runs' cleanup.
 PATH="$PWD/$VENV/bin:$PATH" "$VENV/bin/python" -m pytest -q -p no:cacheprovider -rs \
   --basetemp "$NEMO_TMP/pytest" tests/slurm tests/unit/test_launch.py \
-  tests/unit/test_launch_dryrun.py tests/unit/test_recipes.py
+  tests/unit/test_launch_dryrun.py tests/unit/test_recipes.py tests/unit/test_recipe_weights.py
 if [ -z "${PR2_REQUIRE_SLURM:-}" ]; then
   loud "SLURM SUBMISSION TESTS WERE SKIPPED: slurmctld could not start"
 fi
