@@ -61,6 +61,7 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, mode):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # its own process group: the kill reaches its children too
     )
     deadline = time.monotonic() + 600
     try:
@@ -70,8 +71,12 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, mode):
             if time.monotonic() > deadline:
                 pytest.fail("no checkpoint within 600 s")
             time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
+        # SIGKILL the whole group, as a node failure would: a worker process the trainer
+        # started (megatron's checkpoint writer) must not outlive the test as an orphan.
+        os.killpg(proc.pid, signal.SIGKILL)
     finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     saved = latest_checkpoint(killed / "ckpt")
