@@ -37,6 +37,7 @@ from megatron_pr2.rl.parallel import (
     broadcast_from_last_stage,
     comm_device,
 )
+from megatron_pr2.rl.sampling import SamplingParams, sampling_probs
 from megatron_pr2.routes.layout import MicrobatchLayout, RankCoords, rank_token_keys
 
 EngineMode = Literal["r3", "pr2_r3"]
@@ -367,10 +368,5 @@ def _sample(
     logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
 ) -> torch.Tensor:
     """Temperature + nucleus sampling of one token per row of ``[b, vocab]`` fp32 logits."""
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly above each token
-        sorted_probs = torch.where(before < top_p, sorted_probs, torch.zeros_like(sorted_probs))
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    probs = sampling_probs(logits, SamplingParams(temperature=temperature, top_p=top_p))
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SamplingParams", "sample_next"]
+__all__ = ["SamplingParams", "sample_next", "sampling_probs"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def sample_next(
     """
     logits = logits.float()
     candidates = logits[:, :sample_vocab_size] if sample_vocab_size else logits
-    probs = _sampling_probs(candidates, params)
+    probs = sampling_probs(candidates, params)
     if params.top_k == 1:
         ids = probs.argmax(dim=-1)  # greedy: no draw, so the generator's state is untouched
     else:
@@ -65,7 +65,7 @@ def sample_next(
     return ids, raw
 
 
-def _sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution sampled from: top-k, then temperature, then nucleus (as vLLM orders
     them); zero outside the kept set, not renormalised (the inverse CDF scales by the total)."""
     if params.top_k is not None and params.top_k < logits.shape[1]:
