@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
-from megatron_pr2.replay.session import _config_moe_layers
+from megatron_pr2.replay.session import config_moe_layers
 
 
 def sequence_parallel_slice(routes: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
@@ -40,7 +40,7 @@ def layer_column(layer_number: int, num_columns: int, config: Any) -> int:
     """The column of ``routed_experts`` that holds 1-based ``layer_number``: vLLM returns one
     column per MoE layer; a full-transformer layout has one per decoder layer."""
     num_layers = int(config.num_layers)
-    moe_layers = sorted(_config_moe_layers(config))
+    moe_layers = sorted(config_moe_layers(config))
     if num_columns == len(moe_layers):
         return moe_layers.index(layer_number)
     if num_columns == num_layers:

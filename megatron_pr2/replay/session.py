@@ -154,7 +154,7 @@ class ReplaySession:
                 "megatron_pr2.patch.with_replay_router"
             )
         self._layers = tuple(sorted(self._routers))
-        self._model_layers = frozenset(self._layers) | _config_moe_layers(
+        self._model_layers = frozenset(self._layers) | config_moe_layers(
             next(iter(self._routers.values())).config
         )
         self._has_predictor = any(s.predictor is not None for s in self._states())
@@ -462,7 +462,7 @@ class ReplaySession:
         ]
 
 
-def _config_moe_layers(config: object) -> frozenset[int]:
+def config_moe_layers(config: object) -> frozenset[int]:
     """Global 1-based MoE layer numbers of the whole model (all pipeline stages), from
     ``num_layers`` and ``moe_layer_freq`` as megatron's layer specs read them; every decoder
     layer when the pattern cannot be read."""
