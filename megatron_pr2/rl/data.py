@@ -137,7 +137,8 @@ def _answer(value: Any, where: str, key: str) -> str:
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
-    """All rows of one file through ``datasets`` (no cache directory is written)."""
+    """All rows of one file through ``datasets``, kept in memory (its cache holds only lock
+    files)."""
     import datasets
 
     kind = _READERS.get(path.suffix.lower())
@@ -147,14 +148,14 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
         raise DatasetError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise DatasetError(f"{path}: the file is empty")
-    if kind == "json":
-        _check_jsonl(path)
     was_enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
         reader = datasets.Dataset.from_parquet if kind == "parquet" else datasets.Dataset.from_json
         table = reader(str(path), keep_in_memory=True)
     except Exception as e:  # pyarrow's and datasets' own errors, with the file named
+        if kind == "json":  # name the bad line (read again only when the file is broken)
+            _check_jsonl(path)
         raise DatasetError(f"{path}: cannot be read as {kind}: {e}") from e
     finally:
         if was_enabled:
