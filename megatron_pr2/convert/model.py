@@ -151,6 +151,7 @@ def build_model_chunks_from_description(
     description: ModelDescription,
     replay_config: Any = None,
     config: Any = None,
+    planned_dispatch: bool = False,
     **config_overrides: Any,
 ) -> list:
     """This rank's GPTModel chunks (one per virtual pipeline stage) for ``description``.
@@ -159,12 +160,15 @@ def build_model_chunks_from_description(
     :func:`~megatron_pr2.patch.with_replay_router`) when ``replay_config`` installs them;
     ``mode="pr2"`` adds the zero-initialised evolution predictor. ``config`` (a
     ``TransformerConfig``) replaces the one built from the description and ``config_overrides``.
+    ``planned_dispatch``: MoE layers take all-to-all sizes from a replay plan
+    (``replay.dispatch_plan``), as in ``models.gpt.build_model_chunks``.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     from megatron_pr2.patch import apply_compat_fixes, with_replay_router
+    from megatron_pr2.patch.spec import with_planned_dispatch
 
     if config is None:
         config = transformer_config_from_description(description, **config_overrides)
@@ -181,6 +185,8 @@ def build_model_chunks_from_description(
             spec = _with_full_qk_norm(spec)
         if installs:
             spec = with_replay_router(spec, replay_config)
+        if planned_dispatch:
+            spec = with_planned_dispatch(spec)
         rotary_base = description.rotary_base
         chunks.append(
             GPTModel(

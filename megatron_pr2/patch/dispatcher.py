@@ -42,6 +42,22 @@ PREPROCESS_ATTRIBUTES = (
 )
 
 
+#: Every outcome a planned dispatcher call counts in ``plan_stats``: ``planned``, then why
+#: megatron's own path ran (fixed, so ranks can reduce the counts as one vector).
+DISPATCH_OUTCOMES = (
+    "planned",
+    "router_live",  # the router routes live (no replay this pass)
+    "no_plan",  # replaying, but no plan installed
+    "partial_routes",  # no routes, or -1 (live fallback) rows, on some rank of the group
+    "microbatch_not_planned",  # more dispatcher calls than the plan has microbatches
+    "padding_mask",  # megatron masks padded tokens: counts differ from the routes
+    "untested_megatron_core",
+    "capacity_factor",
+    "quantization_padding",
+    "cuda_graph",
+)
+
+
 def unsupported_reason(config: Any) -> str | None:
     """Why a config's dispatch cannot be planned from routes (None: it can)."""
     if megatron_core_version() not in TESTED_VERSIONS:
@@ -81,7 +97,7 @@ class PlannedAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         if self._static_reason is not None:
             choice: MicrobatchSizes | str = self._static_reason
         elif slot is None:
-            choice = "no_plan"
+            choice = "no_plan" if self._router_replays() else "router_live"
         else:
             choice = slot.next_sizes(
                 routing_map.size(0), self._router_replays(), self._padding_mask_given

@@ -89,6 +89,10 @@ class RouterReplaySection:
     collect_metrics: bool = True
     metrics_token_stride: int = 1  # exact metrics: tiny runs measure every token
     allow_token_dropping: bool = False
+    # Replayed passes take megatron's all-to-all sizes from a plan built once per rollout batch
+    # (replay.dispatch_plan): no per-layer count all-gather or host sync. Off by default: it
+    # needs moe_token_dispatcher_type alltoall and is proven exact on the tested layouts only.
+    planned_dispatch: bool = False
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
 
     def __post_init__(self) -> None:
@@ -99,6 +103,11 @@ class RouterReplaySection:
             raise ConfigError(
                 f"policy.router_replay.mode: unknown mode {self.mode!r}; "
                 f"choose one of {', '.join(TRAINER_MODES)}"
+            )
+        if self.planned_dispatch and self.mode == "none":
+            raise ConfigError(
+                "policy.router_replay.planned_dispatch needs replayed routes; mode none routes "
+                "live (choose r2, r3, pr2 or pr2_r3, or set planned_dispatch=false)"
             )
 
     @property

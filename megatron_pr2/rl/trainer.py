@@ -32,7 +32,6 @@ import torch
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig
 
-from megatron_pr2.config import RouterReplayConfig
 from megatron_pr2.convert.required import require_converted
 from megatron_pr2.errors import ConfigError
 from megatron_pr2.models.gpt import (
@@ -125,7 +124,9 @@ class PolicyModel:
     its bf16 config) and, for a converted checkpoint, where its weights and description are."""
 
     config: TransformerConfig
-    build: Callable[[TransformerConfig, RouterReplayConfig], list[torch.nn.Module]]
+    # (config, replay, planned_dispatch=False) -> chunks; planned_dispatch: the worker's MoE
+    # layers take all-to-all sizes from a replay plan (the engine builds without it).
+    build: Callable[..., list[torch.nn.Module]]
     vocab_size: int
     max_sequence_length: int
     max_new_tokens: int
@@ -143,8 +144,8 @@ def _policy_model(config: MasterConfig, task: Task) -> PolicyModel:
         model_config = moe_transformer_config(shape, **overrides)
         return PolicyModel(
             model_config,
-            lambda cfg, replay: build_model_chunks(
-                cfg, shape.vocab_size, shape.max_sequence_length, replay
+            lambda cfg, replay, planned_dispatch=False: build_model_chunks(
+                cfg, shape.vocab_size, shape.max_sequence_length, replay, planned_dispatch
             ),
             shape.vocab_size,
             shape.max_sequence_length,
@@ -174,7 +175,9 @@ def _policy_model(config: MasterConfig, task: Task) -> PolicyModel:
     model_config = transformer_config_from_description(description, **overrides)
     return PolicyModel(
         model_config,
-        lambda cfg, replay: build_model_chunks_from_description(description, replay, config=cfg),
+        lambda cfg, replay, planned_dispatch=False: build_model_chunks_from_description(
+            description, replay, config=cfg, planned_dispatch=planned_dispatch
+        ),
         description.vocab_size,
         description.max_sequence_length,
         max_new,
@@ -317,7 +320,7 @@ def training_steps(config: MasterConfig) -> Iterator[dict[str, Any]]:
     model = _policy_model(config, task)
     worker_replay = replay.worker_config()
     worker = PolicyWorker(
-        model.build(model.config, worker_replay),
+        model.build(model.config, worker_replay, planned_dispatch=replay.planned_dispatch),
         worker_replay,
         lr=p.lr,
         micro_batch_size=p.micro_batch_size,
@@ -325,6 +328,7 @@ def training_steps(config: MasterConfig) -> Iterator[dict[str, Any]]:
         clip_grad=p.max_grad_norm,
         use_distributed_optimizer=p.use_distributed_optimizer,
         trace_routes=config.logger.route_traces and worker_replay.installs_router,
+        planned_dispatch=replay.planned_dispatch,
     )
     engine = build_generation_backend(
         config.generation,

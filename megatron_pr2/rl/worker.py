@@ -14,6 +14,7 @@ loss denominators count the whole mini-batch, so the DP-summed gradient equals w
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ import torch
 from megatron_pr2.config import RouterReplayConfig
 from megatron_pr2.models.gpt import lm_forward_backward, model_device
 from megatron_pr2.models.training import TrainingSetup, setup_training, train_step
+from megatron_pr2.patch.dispatcher import DISPATCH_OUTCOMES
+from megatron_pr2.replay.dispatch_plan import DispatchPlan, DispatchPlanner
 from megatron_pr2.replay.session import PreparedRoutes, ReplaySession, Routes, RouteTrace
 from megatron_pr2.rl.engine import Rollout, rollout_layouts
 from megatron_pr2.rl.loss import METRIC_REDUCTIONS, ClippedPGLossFn
@@ -218,6 +221,7 @@ class PolicyWorker:
         clip_grad: float = 0.0,
         trace_routes: bool = False,
         use_distributed_optimizer: bool = False,
+        planned_dispatch: bool = False,
     ) -> None:
         self.replay = replay
         self.trace_routes = trace_routes  # keep route traces of each pass (rl.traces)
@@ -239,6 +243,14 @@ class PolicyWorker:
         self._routes: PreparedRoutes | None = None
         self._routes_tokens: torch.Tensor | None = None
         self.logprob_metrics: dict[str, float] = {}
+        # planned_dispatch: replayed passes take the all-to-all sizes from one plan per rollout
+        # batch (chunks built with build_model_chunks(..., planned_dispatch=True)).
+        self.planner: DispatchPlanner | None = None
+        self._plan: DispatchPlan | None = None
+        if planned_dispatch:
+            if self.session is None or not replay.enabled:
+                raise ValueError("planned dispatch needs a replay mode (routes known ahead)")
+            self.planner = DispatchPlanner(self.setup.modules)
 
     @property
     def modules(self) -> list[torch.nn.Module]:
@@ -281,7 +293,9 @@ class PolicyWorker:
         mode = self.replay.mode
         local = self.local_microbatches(batch.batch_size)
         microbatches = _microbatches(batch, self.micro_batch_size, local)
-        self._routes, self._routes_tokens = None, None
+        self._routes, self._routes_tokens, self._plan = None, None, None
+        if self.planner is not None:
+            self.planner.take_stats()  # drop calls of passes outside this worker (warm start)
         external = self.replay.uses_external_routes
         if external and routes is None:
             raise ValueError(f"router_replay.mode {mode.value}: get_logprobs needs engine routes")
@@ -303,17 +317,62 @@ class PolicyWorker:
                 )
                 # pr2_r3: the predictor learns from this pass's router inputs and logits.
                 keys = all_keys if self.replay.uses_predictor else None
-                with self.session.replaying(prepared, keys, cache_features=keys is not None):
+                self._plan = self._build_plan(prepared)
+                with (
+                    self._planning(self._plan),
+                    self.session.replaying(prepared, keys, cache_features=keys is not None),
+                ):
                     outputs = self._forward_only(microbatches)
                 self._routes = prepared
             else:
                 with self.session.recording(self._token_keys(batch, local)) as record:
                     outputs = self._forward_only(microbatches)
                 self._routes = record.routes
+                self._plan = self._build_plan(record.routes)
         self._routes_tokens = batch.tokens
         self.old_pass_trace = gather_route_traces(trace) if self.trace_routes else {}
         self.logprob_metrics = {f"logprobs/{k}": v for k, v in self.session.metrics().items()}
+        self.logprob_metrics.update(
+            {f"logprobs/{k}": v for k, v in self._dispatch_metrics().items()}
+        )
         return self._gather_logprobs(outputs, batch, len(local))
+
+    # ------------------------------------------------------------------ planned dispatch
+    def _build_plan(self, routes: PreparedRoutes) -> DispatchPlan | None:
+        """The batch's dispatch plan (a collective over TP x EP: every rank of the group builds
+        it for the same batch), reused by the old-log-prob pass (r3) and every mini-step."""
+        return None if self.planner is None else self.planner.build(routes)
+
+    def _planning(self, plan: DispatchPlan | None) -> contextlib.AbstractContextManager:
+        if self.planner is None or plan is None:
+            return contextlib.nullcontext()
+        return self.planner.planning(plan)
+
+    def _dispatch_metrics(self) -> dict[str, float]:
+        """Dispatcher calls since the last report, summed over every rank (each dispatches its
+        own tokens through its own layers): ``dispatch/planned_calls``,
+        ``dispatch/fallback_calls`` and, per reason, ``dispatch/fallback/<reason>``."""
+        if self.planner is None:
+            return {}
+        stats = self.planner.take_stats()
+        unknown = set(stats) - {f"dispatch/{k}" for k in DISPATCH_OUTCOMES}
+        if unknown:
+            raise RuntimeError(f"dispatch outcomes without a metric: {sorted(unknown)}")
+        counts = torch.tensor(
+            [float(stats.get(f"dispatch/{k}", 0)) for k in DISPATCH_OUTCOMES],
+            dtype=torch.float64,
+        )
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            counts = counts.to(comm_device())
+            torch.distributed.all_reduce(counts)
+            counts = counts.cpu()
+        values = dict(zip(DISPATCH_OUTCOMES, counts.tolist(), strict=True))
+        out = {"dispatch/planned_calls": values.pop("planned")}
+        out["dispatch/fallback_calls"] = float(sum(values.values()))
+        out.update({f"dispatch/fallback/{k}": v for k, v in values.items() if v})
+        if self._plan is not None:
+            out["dispatch/plan_bytes"] = float(self._plan.nbytes)
+        return out
 
     def _gather_logprobs(self, outputs: list[dict], batch: RLBatch, num_local: int) -> torch.Tensor:
         """This rank's micro-batches' log-probs (last pipeline stage) -> the whole batch's, on
@@ -378,8 +437,10 @@ class PolicyWorker:
                     pass_ = self.session.replaying(part_routes, keys[mb_range], predictor_on)
                 else:  # none: route live, measure the drift from the old-log-prob routes
                     pass_ = self.session.observing(part_routes, keys[mb_range])
-                with self.session.tracing(self.trace_routes) as trace, pass_:
+                plan = None if self._plan is None else self._plan.select(mb_range)
+                with self.session.tracing(self.trace_routes) as trace, self._planning(plan), pass_:
                     metrics = self._train_step(batch, part, local[mb_range], loss_fn, predictor_on)
+                metrics.update(self._dispatch_metrics())
                 if self.trace_routes:
                     self.mini_step_traces.append(gather_route_traces(trace))
             if self.session is not None:
