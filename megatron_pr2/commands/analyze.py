@@ -7,9 +7,14 @@ import argparse
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "analyze", help="per-layer agreement, router drift and accuracy vs horizon from traces"
+        "analyze",
+        help="per-layer agreement, router drift (and its structure) and accuracy vs horizon",
     )
-    parser.add_argument("run_dir", help="a run directory written with logger.route_traces=true")
+    parser.add_argument(
+        "run_dir",
+        help="a run directory written with logger.route_traces=true and/or "
+        "logger.drift_probe_tokens=N",
+    )
     parser.add_argument("--out", default=None, help="output directory (default RUN_DIR/analysis)")
     parser.set_defaults(handler=run)
 

@@ -10,8 +10,10 @@ measured against the live router at that horizon:
   r3: the rollout engine's route) - the paper's predictive top-k accuracy vs horizon;
 * ``stale``: the old pass's own live top-k - what R2 would have replayed (no prediction).
 
-Also each layer's router drift per step (relative change of its weight over the step's updates).
-Outputs ``analysis.md`` and PNG figures.
+Also each layer's router drift per step (relative change of its weight over the step's updates),
+and, from the drift probe (``logger.drift_probe_tokens``, ``rl.drift``), whether that drift is
+systematic: cosines of consecutive router-logit changes on fixed tokens and of consecutive
+router-weight updates. Either input alone is enough. Outputs ``analysis.md`` and PNG figures.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 from megatron_pr2.errors import MissingRunFileError
 from megatron_pr2.replay.session import RouteTrace
+from megatron_pr2.rl import drift
 from megatron_pr2.rl.traces import StepTrace, read_step_trace
 
 __all__ = ["HorizonStats", "analyze_run", "horizon_stats", "join_by_key", "load_traces"]
@@ -58,9 +61,9 @@ class HorizonStats:
         return self.equal / self.tokens if self.tokens else float("nan")
 
 
-def load_traces(run_dir: str | Path) -> list[StepTrace]:
+def load_traces(run_dir: str | Path, required: bool = True) -> list[StepTrace]:
     files = sorted((Path(run_dir) / "traces").glob("step_*.safetensors"))
-    if not files:
+    if not files and required:
         raise MissingRunFileError(
             f"{run_dir}: no traces/step_*.safetensors (run the trainer with logger.route_traces=true)"
         )
@@ -220,12 +223,31 @@ def _figures(out: Path, traces: list[StepTrace], stats) -> list[Path]:
 
 
 def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None) -> tuple[Path, list[Path]]:
-    """Write ``analysis.md`` and the figures under ``out_dir`` (default: ``run_dir/analysis``)."""
+    """Write ``analysis.md`` and the figures under ``out_dir`` (default: ``run_dir/analysis``)
+    from the route traces and/or the drift probe files, whichever the run has."""
     run_dir = Path(run_dir)
-    traces = load_traces(run_dir)
-    stats = horizon_stats(traces)
+    traces = load_traces(run_dir, required=False)
+    probes = drift.load_drift(run_dir)
+    if not traces and not probes:
+        raise MissingRunFileError(
+            f"{run_dir}: no traces/step_*.safetensors and no drift/step_*.safetensors (run the "
+            "trainer with logger.route_traces=true and/or logger.drift_probe_tokens=N)"
+        )
     out = Path(out_dir) if out_dir is not None else run_dir / "analysis"
     out.mkdir(parents=True, exist_ok=True)
+    text, figures = "", []
+    if traces:
+        stats = horizon_stats(traces)
+        text = _report(run_dir, traces, stats)
+        figures = _figures(out, traces, stats)
+    else:
+        text = f"# Route analysis: `{run_dir}`\n\n(no route traces: logger.route_traces=false)\n"
+    if probes:
+        per_layer = drift.drift_stats(probes)
+        text += "\n" + "\n".join(drift.drift_report(probes, per_layer)) + "\n"
+        figures.append(
+            drift.drift_figure(out / "drift_cosine.png", per_layer, probes[0].adam_beta1)
+        )
     report = out / "analysis.md"
-    report.write_text(_report(run_dir, traces, stats))
-    return report, _figures(out, traces, stats)
+    report.write_text(text)
+    return report, figures

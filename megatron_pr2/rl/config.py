@@ -245,6 +245,15 @@ class LoggerConfig:
     tensorboard_enabled: bool = True
     progress_bar: bool = True
     route_traces: bool = False  # per-step route traces for `pr2 analyze` (rl.traces)
+    # > 0: router logits of that many fixed probe tokens after every optimizer update, and the
+    # drift/* metrics (rl.drift; `pr2 analyze` reports whether the drift is systematic)
+    drift_probe_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.drift_probe_tokens < 0:
+            raise ConfigError(
+                f"logger.drift_probe_tokens must be >= 0 (0: off), got {self.drift_probe_tokens}"
+            )
 
 
 @dataclass

@@ -53,6 +53,7 @@ from megatron_pr2.rl.checkpoint import (
 )
 from megatron_pr2.rl.config import MasterConfig
 from megatron_pr2.rl.dataset_task import DatasetTask
+from megatron_pr2.rl.drift import DriftProbe
 from megatron_pr2.rl.engine import bf16_engine_config
 from megatron_pr2.rl.logger import RunLogger, make_progress_bar
 from megatron_pr2.rl.loss import ClippedPGLossFn
@@ -393,12 +394,20 @@ def training_steps(config: MasterConfig) -> Iterator[dict[str, Any]]:
         if main_rank
         else None
     )
+    probe = None
+    if config.logger.drift_probe_tokens > 0:  # router drift probe (rl.drift), off by default
+        probe = DriftProbe(worker, config.logger.drift_probe_tokens, p.use_distributed_optimizer)
+        worker.after_update = probe.after_update
     validator = Validator(config, task) if g.val_period > 0 else None
     with logger if logger is not None else contextlib.nullcontext():
         for step in range(start_step, g.max_num_steps):
             before = _router_weights(worker) if worker.trace_routes else {}
-            metrics = _grpo_step(config, task, worker, engine, loss_fn, rng, sampler, max_new)
+            metrics = _grpo_step(
+                config, task, worker, engine, loss_fn, rng, sampler, max_new, probe
+            )
             metrics = {"step": step + 1, **metrics}
+            if probe is not None:
+                metrics.update(probe.finish_step(step + 1, log_dir if main_rank else None))
             if worker.trace_routes:
                 _write_trace(config, worker, step + 1, before, main_rank)
             if step == 0 and sft_losses:
@@ -558,6 +567,7 @@ def _grpo_step(
     rng: random.Random,
     sampler: torch.Generator,
     max_new: int,
+    probe: DriftProbe | None = None,
 ) -> dict[str, Any]:
     """One GRPO step: refit, rollout, rewards/advantages, old log-probs, κ mini-steps."""
     g, p, gen = config.grpo, config.policy, config.generation
@@ -606,6 +616,8 @@ def _grpo_step(
     timing["policy_and_reference_logprobs"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    if probe is not None:  # the probe's starting point, before the step's first update
+        probe.start_step(batch.tokens, batch.lengths)
     steps = worker.train(batch, loss_fn, num_mini_steps=g.off_policy_steps)
     timing["policy_training"] = time.perf_counter() - t
     timing["total_step_time"] = time.perf_counter() - start

@@ -243,6 +243,8 @@ class PolicyWorker:
         self._routes: PreparedRoutes | None = None
         self._routes_tokens: torch.Tensor | None = None
         self.logprob_metrics: dict[str, float] = {}
+        # Called after each optimizer update with the mini-step index (rl.drift's probe).
+        self.after_update: Callable[[int], None] | None = None
         # planned_dispatch: replayed passes take the all-to-all sizes from one plan per rollout
         # batch (chunks built with build_model_chunks(..., planned_dispatch=True)).
         self.planner: DispatchPlanner | None = None
@@ -447,6 +449,8 @@ class PolicyWorker:
                 metrics.update(self.session.metrics())
             metrics["mini_step"] = float(i)
             results.append({f"train/{k}": v for k, v in metrics.items()})
+            if self.after_update is not None:
+                self.after_update(i)
         return results
 
     def _routes_for(self, batch: RLBatch) -> PreparedRoutes | None:
