@@ -1,5 +1,15 @@
 """Routes keyed by token (world 1, tiny GPT): recorded with micro-batch 4, replayed with
-micro-batch 2 in another sample order and packed, each token gets its own recorded route."""
+micro-batch 2 in another sample order and packed, each token gets its own recorded route.
+
+Packing on CPU: megatron's ``thd`` format (``PackedSeqParams`` with ``cu_seqlens``) needs
+Transformer Engine's attention; the local ``DotProductAttention`` asserts
+``packed_seq_params is None`` (0.16.1 and 0.19.2). So a packed row here is samples concatenated
+in one ``[1, n * SEQ]`` row with a block-diagonal causal ``attention_mask`` (megatron's local
+attention takes an explicit boolean mask, True = blocked), which keeps every sample from
+attending to the others. RoPE takes row positions (megatron's GPT ignores ``position_ids`` for
+RoPE), but attention scores depend only on relative positions, which the mask keeps within
+each sample: a packed sample computes what it computes alone, up to float rounding.
+"""
 
 from __future__ import annotations
 
@@ -26,13 +36,15 @@ class Batch:
     labels: torch.Tensor
     loss_mask: torch.Tensor
     position_ids: torch.Tensor
+    attention_mask: torch.Tensor | None = None  # [1, 1, s, s] bool, True = blocked
 
 
 def forward_step(batches, model) -> tuple[torch.Tensor, Callable]:
     batch = next(batches)
     device = model_device(model)
+    mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
     output = model(
-        batch.tokens.to(device), batch.position_ids.to(device), None, labels=batch.labels.to(device)
+        batch.tokens.to(device), batch.position_ids.to(device), mask, labels=batch.labels.to(device)
     )
 
     def loss_func(per_token_loss: torch.Tensor):
@@ -59,14 +71,28 @@ def bshd(groups: Sequence[Sequence[int]]) -> tuple[list[Batch], list[torch.Tenso
     return batches, keys
 
 
-def packed(groups: Sequence[Sequence[int]]) -> tuple[list[Batch], list[torch.Tensor]]:
-    """One ``[1, len(group) * SEQ]`` row per group (samples concatenated, positions restart)."""
+def sample_mask(num_samples: int) -> torch.Tensor:
+    """``[1, 1, s, s]`` block-diagonal causal mask of ``num_samples`` packed samples (True =
+    blocked): a token sees the earlier tokens of its own sample only."""
+    sample = torch.arange(num_samples * SEQ) // SEQ
+    position = torch.arange(num_samples * SEQ)
+    allowed = (sample[:, None] == sample[None, :]) & (position[None, :] <= position[:, None])
+    return (~allowed).view(1, 1, *allowed.shape)
+
+
+def packed(
+    groups: Sequence[Sequence[int]], isolate_samples: bool = False
+) -> tuple[list[Batch], list[torch.Tensor]]:
+    """One ``[1, len(group) * SEQ]`` row per group (samples concatenated, positions restart);
+    ``isolate_samples``: with the block-diagonal mask (else causal over the whole row)."""
     data, batches, keys = samples(), [], []
     for ids in groups:
         rows = data[list(ids)]
         tokens, labels = rows[:, :-1].reshape(1, -1), rows[:, 1:].reshape(1, -1)
         positions = torch.arange(SEQ).repeat(len(ids)).unsqueeze(0)
-        batches.append(Batch(tokens, labels, torch.ones_like(tokens, dtype=torch.float), positions))
+        mask = sample_mask(len(ids)) if isolate_samples else None
+        ones = torch.ones_like(tokens, dtype=torch.float)
+        batches.append(Batch(tokens, labels, ones, positions, mask))
         keys.append(rank_token_keys(MicrobatchLayout.thd(ids, [SEQ] * len(ids)), RankCoords()))
     return batches, keys
 
@@ -154,6 +180,14 @@ def test_replayed_routes_follow_the_token_across_micro_batching(world1, layout):
     )
 
 
+def replayed_grads(built, record, batches, keys) -> dict[str, torch.Tensor]:
+    """Gradients of one replayed training pass, routes planned by token."""
+    h.zero_grads(built.chunks)
+    with built.session.replaying(record.by_token().plan(keys), keys):
+        run(built.chunks, batches)
+    return h.grads(built.chunks)
+
+
 def test_gradients_equal_the_same_order_replay(world1):
     """Micro-batch 2 in a permuted order replays to the same gradients as micro-batch 4 in the
     recorded order (the loss is a mean over equal-size microbatches: order-independent)."""
@@ -162,14 +196,48 @@ def test_gradients_equal_the_same_order_replay(world1):
     with built.session.replaying(record.routes, same_keys):
         run(built.chunks, same_batches)
     same = h.grads(built.chunks)
-    h.zero_grads(built.chunks)
 
-    batches, keys = bshd(PERMUTED)
-    with built.session.replaying(record.by_token().plan(keys), keys):
-        run(built.chunks, batches)
-    permuted = h.grads(built.chunks)
+    permuted = replayed_grads(built, record, *bshd(PERMUTED))
     assert same.keys() == permuted.keys()
     assert h.max_grad_diff(same, permuted) <= 1e-6
+
+
+def test_packed_replay_gives_each_token_its_route_and_the_same_order_gradients(world1):
+    """Recorded with micro-batch 4 (bshd), replayed packed: two samples per row, in another
+    order, samples kept apart by the attention mask (see the module doc). Every token takes
+    its recorded route, and the gradients are those of the same-order micro-batch 4 replay."""
+    built, record = record_then_drift()
+    same_batches, same_keys = bshd(RECORDED)
+    with built.session.replaying(record.routes, same_keys):
+        run(built.chunks, same_batches)
+    same = h.grads(built.chunks)
+
+    batches, keys = packed(PACKED, isolate_samples=True)
+    with routing_maps(built.chunks) as maps:
+        got = replayed_grads(built, record, batches, keys)
+    used = by_key(keys, maps)
+    for layer in LAYERS:
+        recorded = {
+            int(k): one_hot(r)[i]
+            for ks, r in zip(same_keys, record.routes[layer])
+            for i, k in enumerate(ks.tolist())
+        }
+        assert used[layer].keys() == recorded.keys()
+        assert all(torch.equal(row, recorded[key]) for key, row in used[layer].items()), layer
+    assert h.max_grad_diff(same, got) <= 1e-6
+
+    # Negative controls: packed samples that attend to each other, and packed rows replayed
+    # by (microbatch, row), give other gradients.
+    leaking = replayed_grads(built, record, *packed(PACKED))
+    assert h.max_grad_diff(same, leaking) > 1e-4
+    h.zero_grads(built.chunks)
+    rows = [len(k) for k in keys]
+    by_position = {
+        layer: list(torch.cat(list(record.routes[layer])).split(rows)) for layer in LAYERS
+    }
+    with built.session.replaying(by_position, keys):
+        run(built.chunks, batches)
+    assert h.max_grad_diff(same, h.grads(built.chunks)) > 1e-4
 
 
 # ------------------------------------------------------------------ the value type alone
