@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import shutil
 import sys
@@ -449,13 +450,15 @@ def _validate(
     start = time.perf_counter()
     replay = config.policy.router_replay
     engine.refresh(worker.modules, include_predictor=replay.engine_applies_predictor)
+    prompts = validator.expanded()
     rollout = engine.generate(
-        validator.expanded(),
+        prompts,
         max_new,
         temperature=validator.temperature,
         top_p=config.generation.top_p,
         generator=validator.sampler(step),
-        micro_batch_size=config.policy.micro_batch_size,
+        # Any number of validation samples: micro-batches of the largest size that divides it.
+        micro_batch_size=math.gcd(len(prompts), config.policy.micro_batch_size),
         return_routes=False,
     )
     metrics = validator.score(rollout.responses())

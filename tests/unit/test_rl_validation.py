@@ -32,3 +32,25 @@ def test_avg_at_k_and_pass_at_k_from_known_responses():
     assert torch.equal(
         torch.rand(4, generator=validator.sampler(5)), torch.rand(4, generator=again.sampler(5))
     )
+
+
+def test_validation_sample_count_need_not_split_into_micro_batches(world1, tmp_path):
+    """5 validation prompts with micro-batches of 4: validates (it used to fail after training)."""
+    from megatron_pr2.rl.trainer import training_steps
+
+    config = load_config(
+        TINY,
+        [
+            "grpo.max_num_steps=1",
+            "grpo.sft_warmup_steps=0",
+            "grpo.val_period=1",
+            "grpo.max_val_samples=5",
+            "policy.micro_batch_size=4",
+            f"logger.log_dir={tmp_path}",
+            "logger.tensorboard_enabled=false",
+            "logger.progress_bar=false",
+        ],
+    )
+    (metrics,) = list(training_steps(config))
+    assert metrics["validation/num_prompts"] == 5.0
+    assert metrics["validation/accuracy"] in {i / 5 for i in range(6)}
