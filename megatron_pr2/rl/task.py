@@ -83,6 +83,10 @@ class TaskConfig:
         partial_credit: weight of per-position credit for wrong answers; reward for a non-exact
             answer is ``partial_credit * matching_positions / max(len(answer), len(response))``.
             0 gives a binary exact-match reward.
+        warm_start_noise: probability that a supervised warm-start answer is a near miss (one
+            digit replaced by another) instead of the right one. The warm-started policy then
+            knows the answers but also puts mass on near misses, like a pretrained model that is
+            right often but not reliably: the regime where GRPO sharpens pass@k into pass@1.
     """
 
     kind: Literal["add", "sort"] = "add"
@@ -90,6 +94,7 @@ class TaskConfig:
     max_digits: int = 3
     reverse_answer: bool = False
     partial_credit: float = 0.0
+    warm_start_noise: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("add", "sort"):
@@ -98,6 +103,8 @@ class TaskConfig:
             raise ValueError("need 1 <= min_digits <= max_digits")
         if not 0.0 <= self.partial_credit <= 1.0:
             raise ValueError("partial_credit must be in [0, 1]")
+        if not 0.0 <= self.warm_start_noise < 1.0:
+            raise ValueError("warm_start_noise must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -211,8 +218,29 @@ class SyntheticTask:
 
     # -- supervised warm start -----------------------------------------------------------------
     def supervised_examples(self, n: int, rng: random.Random | int) -> list[SupervisedExample]:
-        """Prompt + correct answer + eos, with the loss on the answer and eos only."""
-        return [supervised_example(p) for p in self.make_prompts(n, rng)]
+        """Prompt + answer + eos, the loss on the answer and eos only; the answer is a near miss
+        with probability ``warm_start_noise``."""
+        rng = _as_rng(rng)
+        prompts = self.make_prompts(n, rng)
+        if self.config.warm_start_noise > 0.0:  # no extra draws otherwise: same stream as before
+            prompts = [
+                self._near_miss(p, rng) if rng.random() < self.config.warm_start_noise else p
+                for p in prompts
+            ]
+        return [supervised_example(p) for p in prompts]
+
+    def _near_miss(self, prompt: Prompt, rng: random.Random) -> Prompt:
+        """The prompt with one digit of its answer replaced by another digit."""
+        digits = list(prompt.answer)
+        i = rng.randrange(len(digits))
+        digits[i] = rng.choice([d for d in "0123456789" if d != digits[i]])
+        answer = "".join(digits)
+        return Prompt(
+            text=prompt.text,
+            tokens=prompt.tokens,
+            answer=answer,
+            answer_tokens=self.tokenizer.encode(answer, eos=True),
+        )
 
     def collate(self, examples: Sequence[SupervisedExample]) -> dict[str, torch.Tensor]:
         return collate_supervised(examples, self.tokenizer.pad_id)

@@ -208,3 +208,29 @@ def test_broadcast_to_tokens():
     mask = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 0]])
     out = broadcast_to_tokens(adv, mask)
     torch.testing.assert_close(out, torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.0, -1.0, -1.0, 0.0]]))
+
+
+def test_warm_start_noise_gives_near_misses_at_its_rate():
+    config = TaskConfig(kind="add", min_digits=1, max_digits=2, warm_start_noise=0.5)
+    noisy = SyntheticTask(config).supervised_examples(400, 3)
+    clean_task = SyntheticTask(TaskConfig(kind="add", min_digits=1, max_digits=2))
+    misses = 0
+    for example in noisy:
+        prompt = example.prompt
+        a, b = prompt.text.rstrip("=").split("+")
+        right = str(int(a) + int(b))
+        assert len(prompt.answer) == len(right)
+        wrong_digits = sum(x != y for x, y in zip(prompt.answer, right))
+        assert wrong_digits in (0, 1)  # a near miss changes exactly one digit
+        misses += wrong_digits
+        assert example.tokens == prompt.tokens + clean_task.tokenizer.encode(
+            prompt.answer, eos=True
+        )
+    assert 150 < misses < 250
+    assert noisy == SyntheticTask(config).supervised_examples(400, 3)  # deterministic
+
+
+def test_warm_start_noise_off_keeps_the_random_stream():
+    task = SyntheticTask(TaskConfig(kind="add", warm_start_noise=0.0))
+    examples = task.supervised_examples(20, 11)
+    assert [e.prompt for e in examples] == task.make_prompts(20, 11)
