@@ -3,6 +3,7 @@ optimizer step over microbatches, and dist-checkpoint save/resume of model and o
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
 from megatron_pr2.models.gpt import lm_forward_backward, lm_forward_step
+from megatron_pr2.patch.distrib_optim import torch_adam_loading
 from megatron_pr2.predictor.module import PREDICTOR_ATTR
 from megatron_pr2.predictor.optim import (
     apply_group_lrs,
@@ -147,6 +149,13 @@ def load_checkpoint(
 
 
 def _load_checkpoint(setup: TrainingSetup, directory: str | Path, load_optimizer: bool) -> None:
+    with contextlib.ExitStack() as stack:
+        _load_model_and_optimizer(setup, directory, load_optimizer, stack)
+
+
+def _load_model_and_optimizer(
+    setup: TrainingSetup, directory: str | Path, load_optimizer: bool, stack: contextlib.ExitStack
+) -> None:
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     state = _model_sharded_state_dict(setup)
@@ -154,6 +163,8 @@ def _load_checkpoint(setup: TrainingSetup, directory: str | Path, load_optimizer
     unused_predictor = _unused_predictor_keys(state, directory)
     load_optimizer = load_optimizer and not missing_predictor and not unused_predictor
     if load_optimizer:
+        # megatron's distributed optimizer cannot resume torch Adam (no TE/apex) without it
+        stack.enter_context(torch_adam_loading(setup.optimizer))
         state["optimizer"] = setup.optimizer.sharded_state_dict(
             _flat(state), is_loading=True, metadata=_OPTIM_METADATA
         )

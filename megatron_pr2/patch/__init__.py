@@ -8,6 +8,8 @@
   ``te_general_gemm`` without Transformer Engine).
 * ``hooks``: what a megatron-core patched with ``patches/`` calls to build its routers (its
   canaries are in ``tests/unit/test_patches.py``).
+* ``distrib_optim``: megatron-core bugs that stop the distributed optimizer with torch's Adam
+  (no TE/apex) from resuming a checkpoint; repaired on the instance while it loads.
 
 Each patch point has a canary in ``tests/unit/test_patch_points.py``.
 
@@ -31,6 +33,7 @@ _EXPORTS = {
     "megatron_core_version": "megatron_pr2.patch.version",
     "replay_router_builder": "megatron_pr2.patch.spec",
     "router_hook": "megatron_pr2.patch.hooks",
+    "torch_adam_loading": "megatron_pr2.patch.distrib_optim",
     "with_replay_router": "megatron_pr2.patch.spec",
 }
 

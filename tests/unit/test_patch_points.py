@@ -290,3 +290,73 @@ def test_router_set_layer_number_reaches_router_replay_from_0_19():
 
     source = inspect.getsource(Router.set_layer_number)
     assert ("router_replay.layer_number" in source) == (megatron_core_version() >= Version("0.19"))
+
+
+# Patch point 5 (megatron_pr2.patch.distrib_optim): torch Adam in the distributed optimizer.
+def _torch_adam_distributed(seed: int = 5):
+    from megatron_pr2.models.training import setup_training
+    from tests.unit.test_predictor import build
+
+    chunks, _ = build("pr2", seed=seed)
+    setup = setup_training(chunks, lr=1e-3, predictor_lr_mult=10.0, use_distributed_optimizer=True)
+    inner = setup.optimizer.chained_optimizers[0]
+    assert type(inner).__name__ == "DistributedOptimizer"
+    assert type(inner.optimizer) in (torch.optim.Adam, torch.optim.AdamW)  # no TE/apex here
+    return setup, inner
+
+
+def _stepped_checkpoint(path: Path) -> None:
+    from megatron_pr2.models.training import save_checkpoint, train_step
+    from tests.support import replay_harness as h
+
+    setup, _ = _torch_adam_distributed()
+    train_step(setup, h.make_batches(1), predictor_active=True)
+    save_checkpoint(setup, path)
+
+
+def test_distrib_optim_fresh_torch_adam_state_dict_still_asserts_one_step(world1):
+    """Bug 1: a just-built optimizer's ``state_dict`` (called by ``sharded_state_dict`` when
+    loading) asserts one Adam step over no state; the fix gives it step 0."""
+    from megatron_pr2.patch import distrib_optim
+
+    _, inner = _torch_adam_distributed()
+    assert distrib_optim.torch_adam_distributed_optimizers(inner) == [inner]
+    with pytest.raises(AssertionError):
+        inner.state_dict()
+    assert distrib_optim.init_first_step_state(inner) is True
+    groups = inner.state_dict()["optimizer"]["param_groups"]
+    assert {g["step"] for g in groups} == {0.0}
+    assert distrib_optim.init_first_step_state(inner) is False  # never twice
+
+
+def test_distrib_optim_fully_reshardable_loader_still_trips_over_step(
+    world1, tmp_path, monkeypatch
+):
+    """Bug 2: the loader copies every state key but hands over no ``step``; the fix hides
+    ``step`` for the copy. Bug 3: ``load_state_dict`` shares one ``step`` tensor among all
+    params; the fix gives each its own."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    from megatron_pr2.models.training import load_checkpoint
+    from megatron_pr2.patch import distrib_optim
+
+    assert callable(getattr(DistributedOptimizer, distrib_optim.FULLY_RESHARDABLE_LOADER))
+    _stepped_checkpoint(tmp_path / "ckpt")
+    monkeypatch.setattr(distrib_optim, "_load_without_step", lambda loader, adam: loader)
+    setup, _ = _torch_adam_distributed(seed=7)
+    with pytest.raises(KeyError, match="step"):
+        load_checkpoint(setup, tmp_path / "ckpt")
+    monkeypatch.undo()
+
+    monkeypatch.setattr(distrib_optim, "unshare_steps", lambda adam: None)
+    setup, inner = _torch_adam_distributed(seed=7)
+    load_checkpoint(setup, tmp_path / "ckpt")
+    steps = [state["step"] for state in inner.optimizer.state.values()]
+    assert len(steps) > 1 and len({id(step) for step in steps}) == 1  # one shared tensor
+    monkeypatch.undo()
+
+    setup, inner = _torch_adam_distributed(seed=7)
+    load_checkpoint(setup, tmp_path / "ckpt")
+    steps = [state["step"] for state in inner.optimizer.state.values()]
+    assert len({id(step) for step in steps}) == len(steps) and {float(s) for s in steps} == {1.0}
+    assert distrib_optim.FULLY_RESHARDABLE_LOADER not in vars(inner)  # instance patch undone

@@ -84,19 +84,12 @@ def test_smoke_variant_trains_checkpoints_resumes_and_validates(
 
     monkeypatch.setattr(reward, "math_verify_reward", spy)
     keys = [f"policy.router_replay.mode={mode}"]
-    if mode != "r2":
-        # Known gap (megatron-core 0.16), PR2 checkpoints: the PR2 predictor is fp32 and steps
-        # only once its feature cache holds data. megatron's bf16 optimizer maps only its bf16
-        # params to checkpoint keys ("Param id .. does not match any model sharded param"), and
-        # without TE its distributed optimizer asserts one Adam step for all params. Until the
-        # trainer gives the predictor its own optimizer, PR2 smoke runs checkpoint in fp32
-        # with the plain optimizer.
-        keys += ["policy.use_distributed_optimizer=false", "policy.precision=float32"]
     config = _config(recipe_dir, mode_file, tmp_path, *keys)
     assert config.policy.model_path == str(recipe_dir / "smoke" / "mcore")
     assert config.checkpointing.enabled
-    assert config.policy.use_distributed_optimizer == (mode == "r2")
-    assert config.policy.precision == ("bfloat16" if mode == "r2" else "float32")
+    # the recipe's own defaults in every mode (the fp32 PR2 predictor included)
+    assert config.policy.use_distributed_optimizer
+    assert config.policy.precision == "bfloat16"
     history = train(config)
     assert [m["step"] for m in history] == [1, 2]
     for metrics in history:
@@ -113,8 +106,8 @@ def test_smoke_variant_trains_checkpoints_resumes_and_validates(
     assert "validation/accuracy" not in history[0]
     assert 0.0 <= history[1]["validation/accuracy"] <= 1.0
     assert history[1]["validation/num_prompts"] == 4.0  # max_val_samples of the smoke variant
-    if mode != "pr2":  # one resume is enough for the file's time budget
-        return
+    # every mode resumes: torch Adam in megatron's distributed optimizer (no TE/apex) could
+    # not, in r2 either, before megatron_pr2.patch.distrib_optim
     resumed = train(_config(recipe_dir, mode_file, tmp_path, *keys, "grpo.max_num_steps=3"))
     assert [m["step"] for m in resumed] == [3]
     assert "validation/accuracy" in resumed[0]  # the last step validates too
