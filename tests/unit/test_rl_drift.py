@@ -204,3 +204,12 @@ def test_trainer_probe_writes_files_and_metrics_and_leaves_training_unchanged(wo
         assert metrics["drift/router_update_norm"] > 0
     report, _ = analyze_run(tmp_path / "probe")
     assert "## Router drift structure (drift probe)" in report.read_text()
+
+
+def test_negative_probe_size_is_refused():
+    from megatron_pr2.errors import ConfigError
+    from megatron_pr2.rl.config import load_config
+
+    with pytest.raises(ConfigError, match="drift_probe_tokens must be >= 0"):
+        load_config("examples/tiny/grpo_tiny.yaml", ["logger.drift_probe_tokens=-1"])
+    assert load_config("examples/tiny/grpo_tiny.yaml").logger.drift_probe_tokens == 0
