@@ -23,6 +23,17 @@ two drivers; megatron's documented behaviour, with these fixes:
   mini-steps itself makes two calls per mini-step: :meth:`CompatRouterReplay.start_pr2_mini_step`
   before it, and ``predictor_frozen_unless(optimizer, active=mini_step >= 1)`` around its
   ``optimizer.step()`` (see ``megatron_pr2.predictor.optim``).
+* **Token keys** (not in megatron): routes can follow the token when a pass micro-batches,
+  orders or packs samples differently from the pass that recorded them. Give the routes with
+  their keys (``sample << 32 | position``, see ``routes.layout.rank_token_keys``) once,
+  ``CompatRouterReplay.set_replay_data(per_layer_routes, token_keys=keys)`` (or per router
+  ``set_target_indices(routes, token_keys=keys)``), then before each forward
+  ``CompatRouterReplay.set_global_token_keys(keys_of_this_microbatch)``: each router's target
+  is its rows for those tokens (negative keys, padding, route live; a key never given is
+  refused). The keys of a forward also pair a PR2 mini-step's tokens with the features its
+  ``RECORD`` pass cached under the same keys (set them in the ``RECORD`` pass too), so the
+  mini-steps may micro-batch differently. Keys given before an action change still belong to
+  the next forward.
 * **No leak**: megatron's instance list is class-level and only grows; ours are registered as
   weak proxies that leave the list when their router is collected. Under
   ``torch.inference_mode`` (0.19's inference engine sets ``RECORD`` before every step and never
@@ -48,7 +59,9 @@ from typing import Any
 import torch
 from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
+from megatron_pr2.replay.keys import MicrobatchKeys
 from megatron_pr2.replay.state import PlannedRoute, RouteAction, RouterReplayState
+from megatron_pr2.replay.token_routes import TokenRoutes
 
 #: The native action a session-driven action reads as.
 _NATIVE_VIEW: dict[RouteAction, RouterReplayAction | None] = {
@@ -99,6 +112,7 @@ class CompatRouterReplay(RouterReplayState, RouterReplay):
         self._native: tuple[RouteAction, RouterReplayAction | None] = (RouteAction.LIVE, None)
         self._pass_kind: RouteAction | None = None  # RECORD or REPLAY: the native pass running
         self._device_of = device_of
+        self._keyed: TokenRoutes | None = None  # routes given with token keys
         RouterReplayState.__init__(self, num_experts, topk, collect_metrics, metrics_token_stride)
         # megatron's own constructor sets its per-version fields (0.19: static_buffer,
         # layer_number) through the properties below, and appends a strong reference.
@@ -162,13 +176,73 @@ class CompatRouterReplay(RouterReplayState, RouterReplay):
         if self._plan is not self._targets:
             return super().routes_held
         target = 0 if self._targets.route is None else 1
-        return target + len(self.recorded) + len(self._recompute_queue)
+        keyed = 0 if self._keyed is None else 1
+        return target + keyed + len(self.recorded) + len(self._recompute_queue)
 
     # ------------------------------------------------------------------ native methods
-    def set_target_indices(self, topk_indices: torch.Tensor) -> None:
+    def set_target_indices(
+        self, topk_indices: torch.Tensor, token_keys: torch.Tensor | None = None
+    ) -> None:
         """The route of the next forward(s), validated now (megatron also queues it for
-        ``REPLAY_BACKWARD``; here the forward that uses it queues it for its recompute)."""
-        self._set_target(topk_indices)
+        ``REPLAY_BACKWARD``; here the forward that uses it queues it for its recompute).
+
+        ``token_keys`` (ours): ``[rows]`` int64 keys of ``topk_indices``'s rows, in any number
+        and order (e.g. a whole batch recorded with another micro-batching); the routes are
+        then held by token, and each forward's target is picked by :meth:`set_token_keys`.
+        """
+        if token_keys is None:
+            self._keyed = None
+            self._set_target(topk_indices)
+            return
+        keys = torch.as_tensor(token_keys).reshape(-1)
+        if keys.dtype != torch.int64 or keys.shape[0] != topk_indices.shape[0]:
+            raise ValueError(
+                f"layer {self.layer_number}: token_keys must be int64, one per route row "
+                f"({topk_indices.shape[0]}); got {keys.dtype} {tuple(keys.shape)}"
+            )
+        checked = self.prepare(topk_indices, self._cursor)  # every row checked once, here
+        layer = self.layer_number or 0
+        self._keyed = TokenRoutes.from_microbatches({layer: [checked.indices]}, [keys])
+        self._targets.route = None
+
+    def set_token_keys(self, token_keys: torch.Tensor) -> None:
+        """Token keys of the next forward's rows (router row order, negative = padding), as
+        ``set_target_indices`` is called before it: with routes held by token, the forward's
+        target becomes their rows for these tokens (padding rows route live); in pr2 the
+        keys pair tokens with their cached features. See the module doc."""
+        keys = MicrobatchKeys(
+            torch.as_tensor(token_keys).reshape(-1),
+            None if self._device_of is None else self._device_of.device,
+        )
+        self._store_keys(self._cursor, keys)
+        if self._keyed is not None:
+            (rows,) = self._keyed.plan([keys.host], padding_live=True)[self._keyed.layers[0]]
+            self._set_target(rows)
+
+    @staticmethod
+    def set_replay_data(
+        all_layers_topk_indices: list[torch.Tensor], token_keys: torch.Tensor | None = None
+    ) -> None:
+        """megatron's ``RouterReplay.set_replay_data``; with ``token_keys`` (``[rows]``, the keys
+        of every layer's rows) the routes are held by token (see :meth:`set_target_indices`)."""
+        if token_keys is None:
+            RouterReplay.set_replay_data(all_layers_topk_indices)
+            return
+        instances = RouterReplay.global_router_replay_instances
+        if len(all_layers_topk_indices) != len(instances):
+            raise ValueError(
+                f"The number of replay tensors ({len(all_layers_topk_indices)}) does not match "
+                f"instances ({len(instances)})."
+            )
+        for router, indices in zip(instances, all_layers_topk_indices):
+            router.set_target_indices(indices, token_keys=token_keys)
+
+    @staticmethod
+    def set_global_token_keys(token_keys: torch.Tensor) -> None:
+        """:meth:`set_token_keys` on every registered router of ours (before each forward)."""
+        for router in RouterReplay.global_router_replay_instances:
+            if isinstance(router, CompatRouterReplay):
+                router.set_token_keys(token_keys)
 
     def get_recorded_indices(self) -> torch.Tensor | None:
         """The top-k of the last recorded forward (pr2: the predicted top-k; a view of the
@@ -192,6 +266,8 @@ class CompatRouterReplay(RouterReplayState, RouterReplay):
         """Drop targets, records and the recompute FIFO; keep the action (as megatron does) and
         the PR2 mini-step setting."""
         self._targets.route = None
+        self._keyed = None
+        self._token_keys = ()
         self.recorded = self._no_records()
         self._pass_kind = None  # the next RECORD or REPLAY starts a new pass
         self._recompute_queue.clear()
@@ -271,17 +347,32 @@ class CompatRouterReplay(RouterReplayState, RouterReplay):
             self._recompute_microbatches.clear()
             self._staged_indices = None
             self._pending_loss = None
+            upcoming = self._keys_at(self._cursor)  # given for the next forward: kept
+            self._token_keys = ()
             if internal is RouteAction.RECORD:  # a new record pass: a new batch
                 self._cursor = 0
                 if self.predictor is not None:
                     self.predictor.start_recording()
                     self.predictor.compute_loss = False
+            if upcoming is not None:
+                self._store_keys(self._cursor, upcoming)
             self._pass_kind = internal
         if internal is not RouteAction.LIVE:
             self._plan = self._targets if internal is RouteAction.REPLAY else ()
             if self.predictor is not None:
                 self.predictor.cache_features = False
         self.action = internal
+
+    def _keys_at(self, microbatch: int) -> MicrobatchKeys | None:
+        return self._token_keys[microbatch] if microbatch < len(self._token_keys) else None
+
+    def _store_keys(self, microbatch: int, keys: MicrobatchKeys) -> None:
+        """Keys of the forward counted as ``microbatch`` (what ``microbatch_keys`` reads:
+        metrics padding, pr2 feature pairing), held until the pass ends or is cleared."""
+        held = list(self._token_keys)
+        held.extend([None] * (microbatch + 1 - len(held)))
+        held[microbatch] = keys
+        self._token_keys = held
 
     def _no_records(self) -> list[torch.Tensor]:
         buffer = getattr(self, "static_buffer", None)
