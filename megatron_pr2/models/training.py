@@ -18,6 +18,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
 from megatron_pr2.models.gpt import lm_forward_backward, lm_forward_step
 from megatron_pr2.patch.distrib_optim import torch_adam_loading
+from megatron_pr2.patch.float16_optim import fp32_params_as_main_params
 from megatron_pr2.predictor.module import PREDICTOR_ATTR
 from megatron_pr2.predictor.optim import (
     apply_group_lrs,
@@ -109,7 +110,9 @@ def save_checkpoint(setup: TrainingSetup, directory: str | Path) -> None:
     """Model and optimizer to a megatron ``torch_dist`` checkpoint (any layout can load it)."""
     Path(directory).mkdir(parents=True, exist_ok=True)
     state = _model_sharded_state_dict(setup)
-    state["optimizer"] = setup.optimizer.sharded_state_dict(_flat(state), metadata=_OPTIM_METADATA)
+    with fp32_params_as_main_params(setup.optimizer):  # bf16 optimizer, fp32 norms/predictor
+        optimizer = setup.optimizer.sharded_state_dict(_flat(state), metadata=_OPTIM_METADATA)
+    state["optimizer"] = optimizer
     dist_checkpointing.save(state, str(directory))
 
 
@@ -163,8 +166,10 @@ def _load_model_and_optimizer(
     unused_predictor = _unused_predictor_keys(state, directory)
     load_optimizer = load_optimizer and not missing_predictor and not unused_predictor
     if load_optimizer:
-        # megatron's distributed optimizer cannot resume torch Adam (no TE/apex) without it
+        # megatron-core bugs: torch Adam (no TE/apex) in the distributed optimizer, fp32 params
+        # (CPU norms, predictor) in the bf16 one; both fixed on the instances while loading
         stack.enter_context(torch_adam_loading(setup.optimizer))
+        stack.enter_context(fp32_params_as_main_params(setup.optimizer))
         state["optimizer"] = setup.optimizer.sharded_state_dict(
             _flat(state), is_loading=True, metadata=_OPTIM_METADATA
         )

@@ -10,6 +10,8 @@
   canaries are in ``tests/unit/test_patches.py``).
 * ``distrib_optim``: megatron-core bugs that stop the distributed optimizer with torch's Adam
   (no TE/apex) from resuming a checkpoint; repaired on the instance while it loads.
+* ``float16_optim``: megatron-core's bf16 optimizer cannot checkpoint a model that also has fp32
+  params (CPU norms, the PR2 predictor); a view in torch's param order while it saves/loads.
 
 Each patch point has a canary in ``tests/unit/test_patch_points.py``.
 
@@ -30,6 +32,7 @@ _EXPORTS = {
     "check_replay_compatible": "megatron_pr2.patch.guards",
     "disable_router_hook": "megatron_pr2.patch.hooks",
     "enable_router_hook": "megatron_pr2.patch.hooks",
+    "fp32_params_as_main_params": "megatron_pr2.patch.float16_optim",
     "megatron_core_version": "megatron_pr2.patch.version",
     "replay_router_builder": "megatron_pr2.patch.spec",
     "router_hook": "megatron_pr2.patch.hooks",

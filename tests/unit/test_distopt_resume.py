@@ -1,10 +1,14 @@
 """PR2 with the recipes' defaults, bf16 params and megatron's distributed optimizer (torch Adam on
-CPU: no TE/apex): a checkpoint saves and a resume continues exactly like the uninterrupted run.
+CPU: no TE/apex), and bf16 with the plain optimizer: a checkpoint saves and a resume continues
+exactly like the uninterrupted run.
 
-Before ``megatron_pr2.patch.distrib_optim`` every such resume failed inside megatron-core (a
-fresh optimizer's ``state_dict`` asserted one Adam step, then the fully-reshardable loader
-raised ``KeyError: 'step'``), and once past those a shared ``step`` tensor broke Adam's bias
-correction after the resume."""
+Before ``megatron_pr2.patch.distrib_optim`` every distributed-optimizer resume failed inside
+megatron-core (a fresh optimizer's ``state_dict`` asserted one Adam step, then the
+fully-reshardable loader raised ``KeyError: 'step'``), and once past those a shared ``step``
+tensor broke Adam's bias correction after the resume. Before
+``megatron_pr2.patch.float16_optim`` the plain bf16 optimizer could not save at all with fp32
+params in the model (CPU norms, the predictor): ``Param id N does not match any model sharded
+param``."""
 
 from __future__ import annotations
 
@@ -37,8 +41,10 @@ def build_bf16(mode: str, seed: int):
     return chunks, ReplaySession(chunks)
 
 
-def distributed(chunks):
-    return setup_training(chunks, lr=LR, predictor_lr_mult=MULT, use_distributed_optimizer=True)
+def setup_bf16(chunks, use_distributed: bool = True):
+    return setup_training(
+        chunks, lr=LR, predictor_lr_mult=MULT, use_distributed_optimizer=use_distributed
+    )
 
 
 def adam_steps(setup) -> set[float]:
@@ -46,11 +52,16 @@ def adam_steps(setup) -> set[float]:
     return {float(state["step"]) for state in inner.state.values()}
 
 
-def test_pr2_bf16_distributed_optimizer_resumes_exactly(world1, tmp_path):
+@pytest.mark.parametrize(
+    ("kind", "use_distributed"),
+    [("DistributedOptimizer", True), ("Float16OptimizerWithFloat16Params", False)],
+)
+def test_pr2_bf16_resumes_exactly(world1, tmp_path, kind, use_distributed):
     batches = h.make_batches(2)
+
     chunks, session = build_bf16("pr2", seed=5)
-    full = distributed(chunks)
-    assert type(full.optimizer.chained_optimizers[0]).__name__ == "DistributedOptimizer"
+    full = setup_bf16(chunks, use_distributed)
+    assert type(full.optimizer.chained_optimizers[0]).__name__ == kind
     assert type(full.optimizer.chained_optimizers[0].optimizer) in (
         torch.optim.Adam,
         torch.optim.AdamW,
@@ -59,13 +70,13 @@ def test_pr2_bf16_distributed_optimizer_resumes_exactly(world1, tmp_path):
     full_losses, full_weights = run_rollouts(full, session, batches, rollouts=3)
 
     chunks, session = build_bf16("pr2", seed=5)
-    first = distributed(chunks)
+    first = setup_bf16(chunks, use_distributed)
     run_rollouts(first, session, batches, rollouts=1)
     save_checkpoint(first, tmp_path / "ckpt")
     assert adam_steps(first) == {float(KAPPA)}
 
     chunks, session = build_bf16("pr2", seed=77)  # different init: all must come from disk
-    resumed = distributed(chunks)
+    resumed = setup_bf16(chunks, use_distributed)
     load_checkpoint(resumed, tmp_path / "ckpt")
     assert adam_steps(resumed) == {float(KAPPA)}
     groups = predictor_groups(resumed.optimizer)
@@ -90,26 +101,30 @@ def test_a_second_save_after_the_resume_loads_again(world1, tmp_path):
     """Save -> resume -> save again: the resumed optimizer's state saves like a fresh one's."""
     batches = h.make_batches(2)
     chunks, session = build_bf16("pr2", seed=5)
-    setup = distributed(chunks)
+    setup = setup_bf16(chunks)
     run_rollouts(setup, session, batches, rollouts=1)
     save_checkpoint(setup, tmp_path / "a")
     chunks, session = build_bf16("pr2", seed=77)
-    setup = distributed(chunks)
+    setup = setup_bf16(chunks)
     load_checkpoint(setup, tmp_path / "a")
     run_rollouts(setup, session, batches, rollouts=1)
     save_checkpoint(setup, tmp_path / "b")
     chunks, session = build_bf16("pr2", seed=78)
-    again = distributed(chunks)
+    again = setup_bf16(chunks)
     load_checkpoint(again, tmp_path / "b")
     assert adam_steps(again) == {float(2 * KAPPA)}
 
 
-@pytest.mark.parametrize("mode", ["r2", "pr2", "pr2_r3"])
+@pytest.mark.parametrize(
+    ("mode", "use_distributed"),
+    [("r2", True), ("pr2", True), ("pr2_r3", True), ("pr2", False)],
+)
 def test_trainer_resume_with_the_recipe_defaults_matches_the_uninterrupted_run(
-    world1, tmp_path, mode
+    world1, tmp_path, mode, use_distributed
 ):
-    """The GRPO trainer with bf16 + distributed optimizer: step 3 after a resume from step 2's
-    checkpoint logs exactly the metrics of an uninterrupted 3-step run."""
+    """The GRPO trainer in bf16 with the distributed optimizer (the recipes' default) or the
+    plain one: step 3 after a resume from step 2's checkpoint logs exactly the metrics of an
+    uninterrupted 3-step run."""
     from megatron_pr2.rl.config import load_config
     from megatron_pr2.rl.trainer import train
     from tests.unit.test_rl_trainer import TINY, tiny_overrides
@@ -119,7 +134,7 @@ def test_trainer_resume_with_the_recipe_defaults_matches_the_uninterrupted_run(
         overrides = [
             *tiny_overrides(mode, str(out / "logs")),
             "policy.precision=bfloat16",
-            "policy.use_distributed_optimizer=true",
+            f"policy.use_distributed_optimizer={str(use_distributed).lower()}",
             "checkpointing.enabled=true",
             f"checkpointing.checkpoint_dir={out / 'ckpt'}",
             "checkpointing.save_period=1",

@@ -218,6 +218,56 @@ def test_alltoall_preprocess_sets_what_the_planned_dispatcher_sets(world1):
     assert dispatcher.num_out_tokens == 40
 
 
+def test_allgather_postprocess_is_what_the_planned_dispatcher_restates(world1):
+    """Patch point 3b restates ``MoEAllGatherTokenDispatcher.dispatch_postprocess`` around
+    megatron's ``permute`` with the tokens per expert from the plan: megatron's method must
+    still be made of the pinned statements, and both must give the same results."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.moe import token_dispatcher as td
+
+    from megatron_pr2.patch.dispatcher import (
+        ALLGATHER_POSTPROCESS_STATEMENTS,
+        PlannedAllGatherTokenDispatcher,
+    )
+    from megatron_pr2.replay.dispatch_plan import DispatchSlot
+    from megatron_pr2.routes.dispatch_counts import DispatchTopology, derive_splits, route_counts
+
+    source = inspect.getsource(td.MoEAllGatherTokenDispatcher.dispatch_postprocess)
+    for statement in ALLGATHER_POSTPROCESS_STATEMENTS:
+        assert statement in source, statement
+    assert source.count(".cpu()") == 1  # the one host read the plan replaces
+    assert "permute(" in source and "self.reversed_local_input_permutation_mapping" in source
+
+    config = moe_transformer_config(moe_token_dispatcher_type="allgather")
+    pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+    routes = torch.rand(20, 8).argsort(dim=1)[:, :2]
+    routing_map = torch.zeros(20, 8, dtype=torch.bool).scatter(1, routes, True)
+    probs = torch.rand(20, 8) * routing_map
+    hidden = torch.randn(20, 1, 32)
+    topo = DispatchTopology(8, 2, 1, 1, 0, 0, 8, 0)
+    splits = derive_splits(route_counts([routes], 8, [False]).numpy()[None], [20], topo)
+    results = []
+    for planned in (False, True):
+        dispatcher = td.MoEAllGatherTokenDispatcher(
+            8, list(range(8)), config=config, pg_collection=pg_collection
+        )
+        if planned:
+            dispatcher.__class__ = PlannedAllGatherTokenDispatcher
+            dispatcher._init_plan_state(None)
+            dispatcher.dispatch_slot = DispatchSlot(1, splits)
+            dispatcher._router_replays = lambda: True
+        tokens, p = dispatcher.dispatch_preprocess(hidden, routing_map, probs)
+        tokens, p = dispatcher.token_dispatch(tokens, p)
+        out = dispatcher.dispatch_postprocess(tokens, p)
+        results.append((out, dispatcher.reversed_local_input_permutation_mapping))
+        if planned:
+            assert dispatcher.plan_stats == {"planned": 1}
+    (ref, ref_map), (got, got_map) = results
+    for a, b in zip(ref, got, strict=True):
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    assert torch.equal(ref_map, got_map)
+
+
 # ---------------------------------------------------------------- patch point 1b: native API
 #: megatron's RouterReplay API that CompatRouterReplay serves, per version: a new or renamed
 #: method or field fails here before it can bypass our state.
@@ -360,3 +410,32 @@ def test_distrib_optim_fully_reshardable_loader_still_trips_over_step(
     steps = [state["step"] for state in inner.optimizer.state.values()]
     assert len({id(step) for step in steps}) == len(steps) and {float(s) for s in steps} == {1.0}
     assert distrib_optim.FULLY_RESHARDABLE_LOADER not in vars(inner)  # instance patch undone
+
+
+# Patch point 6 (megatron_pr2.patch.float16_optim): the bf16 optimizer with fp32 params.
+def test_float16_optim_still_misnumbers_fp32_params_in_its_sharded_state_dict(world1):
+    """megatron's bf16 optimizer numbers its state by ``float16_groups`` alone, so a model
+    with fp32 params (CPU norms, the predictor) cannot be saved; the fix's view numbers every
+    param in torch's order, puts the predictor's Adam state under its model key, and is undone
+    on exit."""
+    from megatron_pr2.models.training import _flat, _model_sharded_state_dict, train_step
+    from megatron_pr2.patch import float16_optim
+    from tests.support import replay_harness as h
+    from tests.unit.test_distopt_resume import build_bf16, setup_bf16
+
+    chunks, _ = build_bf16("pr2", seed=5)
+    setup = setup_bf16(chunks, use_distributed=False)
+    train_step(setup, h.make_batches(1), predictor_active=True)
+    [inner] = float16_optim.float16_optimizers_with_fp32_params(setup.optimizer)
+    assert type(inner).__name__ == "Float16OptimizerWithFloat16Params"
+    model = _flat(_model_sharded_state_dict(setup))
+    with pytest.raises(ValueError, match="does not match any model sharded param"):
+        inner.sharded_state_dict(model)
+    float16, main = inner.float16_groups, inner.fp32_from_float16_groups
+    with float16_optim.fp32_params_as_main_params(setup.optimizer):
+        state = inner.sharded_state_dict(model)
+    assert inner.float16_groups is float16 and inner.fp32_from_float16_groups is main
+    per_param = [v for v in state["optimizer"]["state"].values() if isinstance(v, dict)]
+    keys = [t.key for param in per_param for t in param.values()]  # (and one common_step)
+    predictor = [k for k in keys if "evolution_predictor" in k]  # (layers share a key)
+    assert len(predictor) == 2 * h.SHAPE.num_layers  # exp_avg and exp_avg_sq of each layer's
