@@ -160,7 +160,9 @@ def lm_forward_step(batches: Iterator[LMBatch], model: GPTModel) -> tuple[torch.
     def loss_func(per_token_loss: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         mask = batch.loss_mask.to(per_token_loss.device, per_token_loss.dtype)
         loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1)
-        return loss, {"lm_loss": loss.detach()}
+        # clone: megatron divides the returned loss in place by the micro-batch count, and a
+        # detached alias would report that share instead of this micro-batch's mean loss
+        return loss, {"lm_loss": loss.detach().clone()}
 
     return output, loss_func
 
