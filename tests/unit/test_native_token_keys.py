@@ -4,7 +4,8 @@ A framework that records with ``RouterReplay.get_recorded_data()`` in one micro-
 replays in another passes the recorded rows once with their ``(sample, position)`` keys
 (``CompatRouterReplay.set_replay_data(..., token_keys=...)``) and, before each forward, the keys
 of that microbatch (``CompatRouterReplay.set_global_token_keys``): every token takes its own
-recorded route, and the gradients equal those of replaying in the recorded order.
+recorded route, and the gradients equal those of replaying in the recorded order. In pr2 the
+same keys pair a mini-step's tokens with the features the RECORD pass cached for them.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from megatron.core.transformer.moe.router_replay import RouterReplay, RouterRepl
 
 from megatron_pr2.models.gpt import lm_forward_backward
 from megatron_pr2.patch.native import CompatRouterReplay
+from megatron_pr2.predictor.module import predictor_parameters
 from tests.support import replay_harness as h
 from tests.unit.test_native_replay_api import LAYERS, one_hot, routing_maps
+from tests.unit.test_predictor import build as build_pr2
 from tests.unit.test_token_routes import (
     PACKED,
     PERMUTED,
@@ -207,3 +210,52 @@ def test_keys_set_before_the_action_change_belong_to_the_next_forward(world1):
         rows = torch.stack([expected[int(k)] for k in keys[0]])
         assert torch.equal(maps[layer][0], one_hot(rows))
     end_step()
+
+
+def _pr2_predictor_grads(driver: str) -> list[torch.Tensor]:
+    """pr2: record with micro-batch 4, then one mini-step with predictor loss, micro-batch 2
+    permuted; the predictor's gradients. ``native``: megatron's calls plus our token keys;
+    ``session``: ``ReplaySession`` with the same keys (the reference pairing)."""
+    chunks, session = build_pr2("pr2")
+    with torch.no_grad():
+        for p in predictor_parameters(chunks):
+            p.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+    rec_batches, rec_keys = bshd(RECORDED)
+    batches, keys = bshd(PERMUTED)
+    if driver == "native":
+        recorded: dict[int, list[torch.Tensor]] = {layer: [] for layer in LAYERS}
+
+        def after(mb: int) -> None:
+            for layer, indices in zip(LAYERS, RouterReplay.get_recorded_data()):
+                recorded[layer].append(indices.clone())
+
+        RouterReplay.set_global_router_replay_action(A.RECORD)
+        native_pass(
+            chunks,
+            rec_batches,
+            before=lambda mb: CompatRouterReplay.set_global_token_keys(rec_keys[mb]),
+            after=after,
+            forward_only=True,
+        )
+        CompatRouterReplay.start_pr2_mini_step(1, 0)
+        start, before = replay_by_token(recorded, rec_keys, keys)
+        start()
+        native_pass(chunks, batches, before=before)
+        end_step()
+    else:
+        with torch.no_grad(), session.recording(rec_keys) as record:
+            native_pass(chunks, rec_batches, forward_only=True)
+        with session.replaying(record.by_token().plan(keys), keys, predictor_loss=True):
+            native_pass(chunks, batches)
+    return [p.grad.clone() for p in predictor_parameters(chunks)]
+
+
+def test_pr2_mini_step_pairs_tokens_with_their_cached_features_by_key(world1):
+    """The mini-step micro-batches and orders the samples unlike the RECORD pass: with keys
+    given through the native calls, the predictor loss pairs each token with the features
+    cached for it, as the session does."""
+    native = _pr2_predictor_grads("native")
+    reference = _pr2_predictor_grads("session")
+    assert all(g.abs().sum() > 0 for g in native)
+    for a, b in zip(native, reference):
+        assert torch.allclose(a, b, rtol=0, atol=1e-7)
