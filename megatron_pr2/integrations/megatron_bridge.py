@@ -15,8 +15,13 @@ is a megatron ``RouterReplay`` (native calls and ``ReplaySession`` both work)::
 The bridge loads HF weights by module class name and knows ``TopKRouter``, not our subclass:
 :func:`use_replay_router` registers ``ReplayTopKRouter`` as replicated (as ``TopKRouter`` is),
 without which loading fails with "Cannot determine parallelism type". Checked on CPU with
-megatron-bridge 0.6.2 / megatron-core 0.19.2 by ``tools/bridge_replay_check.py`` (r3; the pr2
-predictor has no HF weight, so the bridge's loader has not been run with ``mode="pr2"``).
+megatron-bridge 0.6.2 / megatron-core 0.19.2 by ``tools/bridge_replay_check.py`` (r3).
+
+Not supported: ``mode="pr2"`` with the bridge loading HF weights (``load_weights=True``).
+The predictor weight has no HF tensor, and megatron-bridge 0.6.2's loader leaves an empty
+conversion task for an unmapped parameter and then fails on it (``AttributeError: 'NoneType'
+object has no attribute 'megatron_module'`` in ``load_weights_hf_to_megatron``). Convert with
+``pr2 convert hf-to-mcore`` for pr2, or load r2/r3 weights through the bridge.
 """
 
 from __future__ import annotations
