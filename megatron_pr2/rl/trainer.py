@@ -220,6 +220,19 @@ def _set_lr(worker: PolicyWorker, lr: float, base: float) -> None:
         group["lr"] = group["lr"] * lr / base
 
 
+def _fresh_optimizer_state(worker: PolicyWorker) -> None:
+    """Forget the warm start's Adam moments: GRPO starts as it would from a pretrained model.
+
+    Why: kept, the warm start's first moment keeps pushing in the supervised direction for the
+    first ~1/(1 - beta1) GRPO updates (measured: consecutive updates with cosine 1.0 at zero
+    reward), and its second moment, sized by the supervised gradients, shrinks every GRPO update
+    for ~1/(1 - beta2) updates. Cleared state is rebuilt by the optimizer's next step.
+    """
+    optimizer = worker.setup.optimizer
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        part.optimizer.state.clear()
+
+
 def supervised_warm_start(
     worker: PolicyWorker,
     task: Task,
@@ -370,6 +383,8 @@ def training_steps(config: MasterConfig) -> Iterator[dict[str, Any]]:
         with _WarmStartReport(config, enabled=main_rank) as report:
             sft_losses = supervised_warm_start(worker, task, config, rng, on_step=report.step)
         sft_time = time.perf_counter() - t0
+        if sft_losses:
+            _fresh_optimizer_state(worker)
         if sft_losses and main_rank:
             print(
                 f"sft: {len(sft_losses)} steps, loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f} "

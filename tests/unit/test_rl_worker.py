@@ -188,3 +188,40 @@ def test_pr2_two_rollout_batches_at_kappa_two(world1):
     for a, b in zip(trainer, copied):
         assert torch.equal(a.detach().to(b.dtype), b)
         assert a.abs().sum() > 0
+
+
+def test_grpo_after_the_warm_start_steps_with_a_fresh_optimizer(world1):
+    """The warm start's Adam moments are dropped: the first GRPO update from warm-started
+    weights equals that of a new optimizer on the same weights (and differs from keeping them)."""
+    import random
+
+    from megatron_pr2.rl.config import load_config
+    from megatron_pr2.rl.trainer import _fresh_optimizer_state, supervised_warm_start
+
+    config = load_config("examples/tiny/grpo_tiny.yaml", ["grpo.sft_warmup_steps=3"])
+
+    def warm(reset: bool) -> PolicyWorker:
+        worker, _ = make("r2")
+        supervised_warm_start(worker, TASK, config, random.Random(1))
+        if reset:
+            _fresh_optimizer_state(worker)
+        return worker
+
+    def first_update(worker: PolicyWorker) -> list[torch.Tensor]:
+        engine = make("r2")[1]
+        engine.refresh(worker.modules, include_predictor=False)
+        _, batch = rollout_batch(engine, seed=4)
+        batch.prev_logprobs = worker.get_logprobs(batch)
+        before = [p.detach().clone() for p in worker.modules[0].parameters()]
+        worker.train(batch, ClippedPGLossFn(), num_mini_steps=1)
+        return [p.detach() - b for p, b in zip(worker.modules[0].parameters(), before)]
+
+    reset, kept = warm(reset=True), warm(reset=False)
+    fresh, _ = make("r2")  # a new optimizer on the warm-started weights
+    with torch.no_grad():
+        for target, source in zip(fresh.modules[0].parameters(), reset.modules[0].parameters()):
+            target.copy_(source)
+    expected = first_update(fresh)
+    for got, want in zip(first_update(reset), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert any(not torch.equal(k, w) for k, w in zip(first_update(kept), expected))
