@@ -21,8 +21,12 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import torch
+from megatron.core.transformer.moe import token_dispatcher as megatron_dispatch
 from megatron.core.transformer.moe.moe_layer import MoELayer
-from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+from megatron.core.transformer.moe.token_dispatcher import (
+    MoEAllGatherTokenDispatcher,
+    MoEAlltoAllTokenDispatcher,
+)
 
 from megatron_pr2.patch.version import TESTED_VERSIONS, megatron_core_version
 from megatron_pr2.replay.state import RouteAction
@@ -71,10 +75,11 @@ def unsupported_reason(config: Any) -> str | None:
     return None
 
 
-class PlannedAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
-    """megatron's all-to-all dispatcher, with ``preprocess`` answered from a replay plan."""
+class _PlannedDispatch:
+    """State and decision shared by the planned dispatchers (mixed into megatron's classes)."""
 
     # Set by ReplayMoELayer right after re-classing (megatron built the instance).
+    config: Any
     dispatch_slot: DispatchSlot | None
     plan_stats: Counter[str]
     _replay_router: Any
@@ -92,7 +97,9 @@ class PlannedAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         state = getattr(self._replay_router, "router_replay", None)
         return getattr(state, "action", None) is RouteAction.REPLAY
 
-    def preprocess(self, routing_map: torch.Tensor) -> torch.Tensor:
+    def _choose(self, routing_map: torch.Tensor) -> MicrobatchSizes | None:
+        """This call's planned sizes, or None (megatron's own path; the reason is counted).
+        Called once per forward (and recompute) of the layer, with the local routing map."""
         slot = self.dispatch_slot
         if self._static_reason is not None:
             choice: MicrobatchSizes | str = self._static_reason
@@ -104,14 +111,24 @@ class PlannedAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             )
         if isinstance(choice, str):
             self.plan_stats[choice] += 1
+            return None
+        self.plan_stats["planned"] += 1
+        if slot is not None and slot.verify:
+            slot.check_counts(routing_map, choice)
+        return choice
+
+
+class PlannedAlltoAllTokenDispatcher(_PlannedDispatch, MoEAlltoAllTokenDispatcher):
+    """megatron's all-to-all dispatcher, with ``preprocess`` answered from a replay plan."""
+
+    def preprocess(self, routing_map: torch.Tensor) -> torch.Tensor:
+        sizes = self._choose(routing_map)
+        if sizes is None:
             # megatron lowers its sync point from wherever it is; a planned call left it at
             # "no_sync", so start every live call there too (megatron's own initial value).
             self.cuda_sync_point = "no_sync"
             return super().preprocess(routing_map)
-        self.plan_stats["planned"] += 1
-        if slot is not None and slot.verify:
-            slot.check_counts(routing_map, choice)
-        return self._preprocess_from_plan(routing_map, choice)
+        return self._preprocess_from_plan(routing_map, sizes)
 
     def _preprocess_from_plan(
         self, routing_map: torch.Tensor, sizes: MicrobatchSizes
@@ -129,22 +146,89 @@ class PlannedAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         return sizes.tokens_per_local_expert
 
 
+#: Statements of megatron's ``MoEAllGatherTokenDispatcher.dispatch_postprocess`` that
+#: :meth:`PlannedAllGatherTokenDispatcher.dispatch_postprocess` mirrors (canary:
+#: tests/unit/test_patch_points.py checks them, and the two methods' results, per version).
+ALLGATHER_POSTPROCESS_STATEMENTS = (
+    "self.hidden_shape_before_permute = hidden_states.shape",
+    "self.local_map = self.routing_map[",
+    "self.local_probs = probs[",
+    "tokens_per_expert = self.local_map.sum(dim=0).long().cpu()",
+    "self.local_probs = self.local_probs.T.contiguous().masked_select(",
+    "self.routing_map = None",
+    "return permuted_local_hidden_states, tokens_per_expert, self.local_probs",
+)
+
+
+class PlannedAllGatherTokenDispatcher(_PlannedDispatch, MoEAllGatherTokenDispatcher):
+    """megatron's all-gather dispatcher, with the tokens per local expert from a replay plan.
+
+    megatron reads them with a blocking ``.cpu()`` inside ``dispatch_postprocess`` (the only
+    host read of the dispatcher); the statement sits mid-method, between the local-map slice
+    and ``permute``, with no hook around it, so the planned call re-states the method's few
+    tensor operations around megatron's own ``permute`` (the statements are pinned by a
+    canary, and the result compared with megatron's method on every tested version).
+    """
+
+    _planned_sizes: MicrobatchSizes | None = None
+
+    def dispatch_preprocess(
+        self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self._planned_sizes = self._choose(routing_map)  # the local map: this rank's routes
+        return super().dispatch_preprocess(hidden_states, routing_map, probs)
+
+    def dispatch_postprocess(
+        self, hidden_states: torch.Tensor, probs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        sizes, self._planned_sizes = self._planned_sizes, None
+        if sizes is None:
+            return super().dispatch_postprocess(hidden_states, probs)
+        self.hidden_shape_before_permute = hidden_states.shape
+        first, last = self.local_expert_indices[0], self.local_expert_indices[-1] + 1
+        self.local_map = self.routing_map[:, first:last].contiguous()
+        self.local_probs = probs[:, first:last].contiguous()
+        tokens_per_expert = sizes.tokens_per_local_expert  # on the host already: no read
+        # 0.16 returns (tokens, probs, mapping), 0.19 two more: the mapping is third in both.
+        permuted = megatron_dispatch.permute(  # the function megatron's method calls
+            hidden_states,
+            self.local_map,
+            num_out_tokens=sizes.received_tokens,
+            fused=self.config.moe_permute_fusion,
+        )
+        self.reversed_local_input_permutation_mapping = permuted[2]
+        self.local_probs = self.local_probs.T.contiguous().masked_select(
+            self.local_map.T.contiguous()
+        )
+        self.routing_map = None
+        return permuted[0], tokens_per_expert, self.local_probs
+
+
+PlannedDispatcher = PlannedAlltoAllTokenDispatcher | PlannedAllGatherTokenDispatcher
+_PLANNED_CLASSES: dict[type, type] = {
+    MoEAlltoAllTokenDispatcher: PlannedAlltoAllTokenDispatcher,
+    MoEAllGatherTokenDispatcher: PlannedAllGatherTokenDispatcher,
+}
+
+
 class ReplayMoELayer(MoELayer):
-    """``MoELayer`` whose all-to-all dispatcher can take its sizes from a replay plan."""
+    """``MoELayer`` whose all-to-all or all-gather dispatcher can take its sizes from a replay
+    plan (other dispatchers, e.g. flex, stay megatron's)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         dispatcher = self.token_dispatcher
-        if type(dispatcher) is MoEAlltoAllTokenDispatcher:
+        planned_cls = _PLANNED_CLASSES.get(type(dispatcher))
+        if planned_cls is not None:
             # Same instance, same state (shared experts, stream, inference-mode references);
-            # only ``preprocess`` changes.
-            dispatcher.__class__ = PlannedAlltoAllTokenDispatcher
+            # only the size computation changes.
+            dispatcher.__class__ = planned_cls
             dispatcher._init_plan_state(self.router)
 
     @property
-    def planned_dispatcher(self) -> PlannedAlltoAllTokenDispatcher | None:
+    def planned_dispatcher(self) -> PlannedDispatcher | None:
         dispatcher = self.token_dispatcher
-        return dispatcher if isinstance(dispatcher, PlannedAlltoAllTokenDispatcher) else None
+        return dispatcher if isinstance(dispatcher, _PlannedDispatch) else None  # type: ignore[return-value]
 
     def route(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None):
         # megatron masks padded tokens out of the routing map: counts then differ from routes.

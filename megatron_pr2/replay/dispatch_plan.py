@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_pr2.patch.dispatcher import PlannedAlltoAllTokenDispatcher, ReplayMoELayer
+from megatron_pr2.patch.dispatcher import PlannedDispatcher, ReplayMoELayer
 from megatron_pr2.replay.state import PlannedRoute, in_backward_recompute
 from megatron_pr2.routes.dispatch_counts import (
     DispatchTopology,
@@ -50,6 +50,7 @@ class MicrobatchSizes(NamedTuple):
     output_splits_tp: np.ndarray  # [tp]
     global_tokens_per_local_expert: torch.Tensor  # [tp*ep, nle] int64, on permute_idx_device
     local_counts: np.ndarray  # [E] this rank's own tokens per expert (for verification)
+    received_tokens: int  # tokens the local experts get from the whole group (all-gather)
 
 
 class DispatchSlot:
@@ -114,6 +115,7 @@ class DispatchSlot:
             splits.output_splits_tp[microbatch],
             self._global_per_local[microbatch],
             splits.local_counts[microbatch],
+            int(splits.received_tokens[microbatch]),
         )
 
     def check_counts(self, routing_map: torch.Tensor, sizes: MicrobatchSizes) -> None:
@@ -160,7 +162,7 @@ class DispatchPlanner:
 
     def __init__(self, model: torch.nn.Module | Iterable[torch.nn.Module]) -> None:
         chunks = [model] if isinstance(model, torch.nn.Module) else list(model)
-        self._dispatchers: dict[int, PlannedAlltoAllTokenDispatcher] = {}
+        self._dispatchers: dict[int, PlannedDispatcher] = {}
         for chunk in chunks:
             for module in chunk.modules():
                 if isinstance(module, ReplayMoELayer) and module.planned_dispatcher is not None:
@@ -169,15 +171,15 @@ class DispatchPlanner:
                     self._dispatchers[module.layer_number] = module.planned_dispatcher
         if not self._dispatchers:
             raise ValueError(
-                "no planned all-to-all dispatcher in the model; build it from a spec passed "
-                "through megatron_pr2.patch.spec.with_planned_dispatch, with "
-                "moe_token_dispatcher_type='alltoall'"
+                "no planned dispatcher in the model; build it from a spec passed through "
+                "megatron_pr2.patch.spec.with_planned_dispatch, with "
+                "moe_token_dispatcher_type 'alltoall' or 'allgather'"
             )
         self.layers = tuple(sorted(self._dispatchers))
         first = self._dispatchers[self.layers[0]]
         self._group = first.tp_ep_group
         self.topology = DispatchTopology(
-            num_experts=first.num_experts,
+            num_experts=first.config.num_moe_experts,
             topk=first.config.moe_router_topk,
             ep_size=first.ep_size,
             tp_size=first.tp_size,
@@ -230,9 +232,9 @@ class DispatchPlanner:
         if missing:
             raise ValueError(f"dispatch plan has no layer(s) {missing}")
         for layer, dispatcher in self._dispatchers.items():
-            dispatcher.dispatch_slot = DispatchSlot(
-                layer, plan.layers[layer], verify, dispatcher.permute_idx_device
-            )
+            # all-to-all: megatron sorts on permute_idx_device; all-gather: sizes stay on the host
+            device = getattr(dispatcher, "permute_idx_device", None) or "cpu"
+            dispatcher.dispatch_slot = DispatchSlot(layer, plan.layers[layer], verify, device)
         try:
             yield
         finally:

@@ -72,7 +72,9 @@ class LayerSplits:
     ``planned [M]``; ``input_splits``/``output_splits`` ``[M, ep]``; ``output_splits_tp``
     ``[M, tp]``; ``tokens_per_local_expert`` ``[M, nle]``; ``global_tokens_per_local_expert``
     ``[M, tp*ep, nle]``; ``local_counts`` ``[M, E]`` (this rank's own, for verification);
-    ``num_tokens`` the router rows per microbatch (-1 when unknown).
+    ``num_tokens`` the router rows per microbatch (-1 when unknown); ``received_tokens [M]``
+    the tokens of the whole group for this rank's local experts (the all-gather dispatcher's
+    permute size).
     """
 
     planned: np.ndarray
@@ -83,6 +85,7 @@ class LayerSplits:
     tokens_per_local_expert: torch.Tensor
     global_tokens_per_local_expert: torch.Tensor
     local_counts: np.ndarray
+    received_tokens: np.ndarray
 
     @property
     def num_microbatches(self) -> int:
@@ -94,7 +97,13 @@ class LayerSplits:
 
     @property
     def nbytes(self) -> int:
-        arrays = (self.input_splits, self.output_splits, self.output_splits_tp, self.local_counts)
+        arrays = (
+            self.input_splits,
+            self.output_splits,
+            self.output_splits_tp,
+            self.local_counts,
+            self.received_tokens,
+        )
         tensors = (self.tokens_per_local_expert, self.global_tokens_per_local_expert)
         return sum(a.nbytes for a in arrays) + sum(t.numel() * t.element_size() for t in tensors)
 
@@ -135,4 +144,5 @@ def derive_splits(
         tokens_per_local_expert=torch.from_numpy(np.ascontiguousarray(local.sum(axis=(0, 1)))),
         global_tokens_per_local_expert=torch.from_numpy(np.ascontiguousarray(global_per_local)),
         local_counts=np.ascontiguousarray(mine),
+        received_tokens=np.ascontiguousarray(local.sum(axis=(0, 1, 3))),
     )

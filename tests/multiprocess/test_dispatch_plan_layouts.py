@@ -16,6 +16,7 @@ def _check(
     modes: list[str],
     recompute: str,
     num_microbatches: int = 3,
+    dispatcher: str = "alltoall",
 ) -> None:
     from tests.support import dispatch_harness as d
 
@@ -23,10 +24,16 @@ def _check(
         init_layout(layout)
         for mode in modes:
             stats = d.check_planned_matches_megatron(
-                mode, num_microbatches, **d.h.RECOMPUTE[recompute]
+                mode,
+                num_microbatches,
+                moe_token_dispatcher_type=dispatcher,
+                **d.h.RECOMPUTE[recompute],
             )
             assert stats["dispatch/planned"] > 0, (layout.name, mode, stats)
-            if layout.ep * (layout.etp or layout.tp) > 1:  # megatron gathers counts per call
+            if dispatcher == "allgather":  # megatron reads the counts on the host per call
+                reads, planned = stats["megatron/host_read"], stats["dispatch/planned"]
+                assert reads in (planned, 2 * planned), stats  # 0.19 adds a .item()
+            elif layout.ep * (layout.etp or layout.tp) > 1:  # megatron gathers counts per call
                 assert stats["megatron/count_allgather"] == stats["dispatch/planned"], stats
 
 
@@ -81,3 +88,17 @@ def test_pp2_ep2_full_recompute_planned_dispatch_world4(run_dist):
 def test_pp2_vp2_full_recompute_planned_dispatch_world2(run_dist):
     """Interleaved schedule: each rank's plan covers the layers of both its model chunks."""
     run_dist(_check, 2, [Layout(pp=2, vp=2)], ["r2", "r3"], "full", 4)
+
+
+@pytest.mark.slow
+def test_ep2_and_tp2_ep2_planned_allgather_dispatch_world4(run_dist):
+    """The all-gather dispatcher: EP2 (DP2) and TP2 x EP2 (ETP2), outputs and gradients exact,
+    no host read of the tokens per expert left."""
+    run_dist(
+        _check, 4, [Layout(ep=2), Layout(tp=2, ep=2)], ["r2", "r3", "pr2"], "off", 3, "allgather"
+    )
+
+
+@pytest.mark.slow
+def test_pp2_ep2_full_recompute_planned_allgather_dispatch_world4(run_dist):
+    run_dist(_check, 4, [Layout(pp=2, ep=2)], ["r3", "pr2"], "full", 3, "allgather")

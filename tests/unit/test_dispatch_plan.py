@@ -68,6 +68,7 @@ def test_derive_splits_matches_per_rank_definition(ep, tp):
                 assert (
                     splits.tokens_per_local_expert[mb].tolist() == counts[:, local].sum(0).tolist()
                 )
+                assert splits.received_tokens[mb] == counts[:, local].sum()
                 rows = [counts[j * tp + t, local] for t in range(tp) for j in range(ep)]
                 assert splits.global_tokens_per_local_expert[mb].tolist() == np.stack(rows).tolist()
 
@@ -155,7 +156,8 @@ def test_plan_memory_is_per_layer_and_microbatch_not_per_token():
     topo = _topology(2, 2, 1, 0)
     gathered = np.ones((4, 5, 8), dtype=np.int64)
     splits = derive_splits(gathered, np.full(5, 10_000), topo)
-    per_microbatch = (2 + 2 + 2 + 4 + 4 * 4 + 8) * 8  # splits, tp splits, nle, tp*ep*nle, E
+    # splits, tp splits, nle, tp*ep*nle, E, received tokens
+    per_microbatch = (2 + 2 + 2 + 4 + 4 * 4 + 8 + 1) * 8
     assert splits.nbytes == 5 * per_microbatch
 
 
@@ -205,3 +207,45 @@ def test_one_plan_per_batch_serves_each_mini_step(world1):
         with planner.planning(plan.select(slice(0, 2)), verify=True):
             with session.replaying(part_routes):
                 d.lm_forward_backward(chunks, batches[part])
+
+
+# ---------------------------------------------------------------- all-gather dispatcher
+@pytest.mark.parametrize("mode", ["r3", "r2", "pr2"])
+def test_planned_allgather_dispatch_identical_world1(world1, mode):
+    """megatron's all-gather dispatcher reads the tokens per expert with a blocking ``.cpu()``
+    in every layer's forward; from the plan, none."""
+    from tests.support import dispatch_harness as d
+
+    stats = d.check_planned_matches_megatron(mode, moe_token_dispatcher_type="allgather")
+    assert stats["dispatch/planned"] == 4 * 3
+    # per layer per microbatch: a .cpu() (0.16), and a .item() of its sum (0.19)
+    assert stats["megatron/host_read"] in (4 * 3, 2 * 4 * 3)
+
+
+def test_planned_allgather_dispatch_with_full_recompute_world1(world1):
+    from tests.support import dispatch_harness as d
+
+    overrides = {**d.h.RECOMPUTE["full"], "moe_token_dispatcher_type": "allgather"}
+    stats = d.check_planned_matches_megatron("r3", **overrides)
+    assert stats["dispatch/planned"] == 2 * 4 * 3
+    assert stats["megatron/host_read"] in (2 * 4 * 3, 2 * 2 * 4 * 3)
+
+
+def test_allgather_wrong_plan_changes_the_result(world1):
+    """Negative control for the all-gather path: counts moved between experts must show."""
+    from megatron_pr2.replay.dispatch_plan import DispatchPlanner
+    from megatron_pr2.replay.session import ReplaySession
+    from tests.support import dispatch_harness as d
+
+    chunks = d.build_planned("r3", moe_token_dispatcher_type="allgather")
+    session, planner = ReplaySession(chunks), DispatchPlanner(chunks)
+    batches = d.h.make_batches(2)
+    routes = d.h.random_routes(len(batches))
+    plan = planner.build(routes)
+    ref_out, _, _ = d.replay_pass(chunks, session, batches, routes, planner, plan)
+    counts = plan.layers[planner.layers[0]].tokens_per_local_expert[0]
+    src = int(torch.argmax(counts))
+    counts[src] -= 1
+    counts[(src + 1) % len(counts)] += 1
+    out, _, _ = d.replay_pass(chunks, session, batches, routes, planner, plan)
+    assert d.max_diff(ref_out, out) > 1e-4
