@@ -121,14 +121,43 @@ class _PlannedDispatch:
 class PlannedAlltoAllTokenDispatcher(_PlannedDispatch, MoEAlltoAllTokenDispatcher):
     """megatron's all-to-all dispatcher, with ``preprocess`` answered from a replay plan."""
 
+    _config_drop_and_pad: bool  # megatron's own mode (a padded planned call switches it)
+
+    def _init_plan_state(self, router: Any) -> None:
+        super()._init_plan_state(router)
+        self._config_drop_and_pad = self.drop_and_pad
+
     def preprocess(self, routing_map: torch.Tensor) -> torch.Tensor:
         sizes = self._choose(routing_map)
+        # megatron reads ``drop_and_pad`` / ``capacity`` in every later step of this call
+        # (permute, all-to-all, sort, combine): set per call, megatron's own value unless padded.
+        self.drop_and_pad = self._config_drop_and_pad
         if sizes is None:
             # megatron lowers its sync point from wherever it is; a planned call left it at
             # "no_sync", so start every live call there too (megatron's own initial value).
             self.cuda_sync_point = "no_sync"
             return super().preprocess(routing_map)
+        if sizes.capacity is not None:
+            return self._preprocess_padded(sizes.capacity)
         return self._preprocess_from_plan(routing_map, sizes)
+
+    def _preprocess_padded(self, capacity: int) -> torch.Tensor:
+        """What megatron's drop-and-pad ``preprocess`` sets, with a capacity that holds every
+        count of the plan: fixed shapes, equal all-to-all splits, nothing dropped."""
+        self.drop_and_pad = True
+        self.capacity = capacity
+        self.num_out_tokens = capacity * self.num_experts
+        self.input_splits = self.output_splits = self.output_splits_tp = None  # equal splits
+        self.num_global_tokens_per_local_expert = torch.full(
+            (self.num_experts * self.tp_size,),
+            capacity,
+            dtype=torch.long,
+            device=self.permute_idx_device,
+        )
+        self.cuda_sync_point = "no_sync"
+        return torch.full(
+            (self.num_local_experts,), capacity * self.tp_size * self.ep_size, dtype=torch.long
+        )
 
     def _preprocess_from_plan(
         self, routing_map: torch.Tensor, sizes: MicrobatchSizes

@@ -51,6 +51,7 @@ class MicrobatchSizes(NamedTuple):
     global_tokens_per_local_expert: torch.Tensor  # [tp*ep, nle] int64, on permute_idx_device
     local_counts: np.ndarray  # [E] this rank's own tokens per expert (for verification)
     received_tokens: int  # tokens the local experts get from the whole group (all-gather)
+    capacity: int | None  # padded dispatch: tokens per (rank, expert) slot; None: dropless
 
 
 class DispatchSlot:
@@ -62,10 +63,12 @@ class DispatchSlot:
         splits: LayerSplits,
         verify: bool = False,
         sort_device: torch.device | str = "cpu",
+        padded: bool = False,
     ) -> None:
         self.layer = layer
         self.splits = splits
         self.verify = verify
+        self.padded = padded
         # megatron's fused permute sorts with split sizes on the GPU: one copy per layer per
         # pass instead of one per call.
         self._global_per_local = splits.global_tokens_per_local_expert.to(sort_device)
@@ -116,6 +119,7 @@ class DispatchSlot:
             self._global_per_local[microbatch],
             splits.local_counts[microbatch],
             int(splits.received_tokens[microbatch]),
+            max(int(splits.max_count[microbatch]), 1) if self.padded else None,
         )
 
     def check_counts(self, routing_map: torch.Tensor, sizes: MicrobatchSizes) -> None:
@@ -225,16 +229,25 @@ class DispatchPlanner:
         )
 
     @contextlib.contextmanager
-    def planning(self, plan: DispatchPlan, verify: bool = False) -> Iterator[None]:
+    def planning(
+        self, plan: DispatchPlan, verify: bool = False, padded: bool = False
+    ) -> Iterator[None]:
         """Dispatchers use ``plan`` for one pass; ``verify`` checks every planned call's counts
-        against the routing map (a host sync per call: tests and debugging only)."""
+        against the routing map (a host sync per call: tests and debugging only).
+
+        ``padded`` (all-to-all only): megatron's fixed-shape drop-and-pad dispatch with the
+        capacity of each (layer, microbatch) set to the plan's largest count per (rank,
+        expert), so nothing is dropped: no capacity factor, and every rank sends every expert
+        the same number of rows (equal all-to-all splits)."""
         missing = [layer for layer in self.layers if layer not in plan.layers]
         if missing:
             raise ValueError(f"dispatch plan has no layer(s) {missing}")
         for layer, dispatcher in self._dispatchers.items():
             # all-to-all: megatron sorts on permute_idx_device; all-gather: sizes stay on the host
             device = getattr(dispatcher, "permute_idx_device", None) or "cpu"
-            dispatcher.dispatch_slot = DispatchSlot(layer, plan.layers[layer], verify, device)
+            dispatcher.dispatch_slot = DispatchSlot(
+                layer, plan.layers[layer], verify, device, padded
+            )
         try:
             yield
         finally:

@@ -74,7 +74,8 @@ class LayerSplits:
     ``[M, tp*ep, nle]``; ``local_counts`` ``[M, E]`` (this rank's own, for verification);
     ``num_tokens`` the router rows per microbatch (-1 when unknown); ``received_tokens [M]``
     the tokens of the whole group for this rank's local experts (the all-gather dispatcher's
-    permute size).
+    permute size); ``max_count [M]`` the most tokens any rank of the group sends any expert
+    (the zero-drop capacity of a padded dispatch: the same on every rank of the group).
     """
 
     planned: np.ndarray
@@ -86,6 +87,7 @@ class LayerSplits:
     global_tokens_per_local_expert: torch.Tensor
     local_counts: np.ndarray
     received_tokens: np.ndarray
+    max_count: np.ndarray
 
     @property
     def num_microbatches(self) -> int:
@@ -103,6 +105,7 @@ class LayerSplits:
             self.output_splits_tp,
             self.local_counts,
             self.received_tokens,
+            self.max_count,
         )
         tensors = (self.tokens_per_local_expert, self.global_tokens_per_local_expert)
         return sum(a.nbytes for a in arrays) + sum(t.numel() * t.element_size() for t in tensors)
@@ -145,4 +148,5 @@ def derive_splits(
         global_tokens_per_local_expert=torch.from_numpy(np.ascontiguousarray(global_per_local)),
         local_counts=np.ascontiguousarray(mine),
         received_tokens=np.ascontiguousarray(local.sum(axis=(0, 1, 3))),
+        max_count=np.ascontiguousarray(counts.max(axis=(0, 2))),
     )

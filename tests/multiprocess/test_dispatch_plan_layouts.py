@@ -17,6 +17,7 @@ def _check(
     recompute: str,
     num_microbatches: int = 3,
     dispatcher: str = "alltoall",
+    padded: bool = False,
 ) -> None:
     from tests.support import dispatch_harness as d
 
@@ -26,6 +27,7 @@ def _check(
             stats = d.check_planned_matches_megatron(
                 mode,
                 num_microbatches,
+                padded=padded,
                 moe_token_dispatcher_type=dispatcher,
                 **d.h.RECOMPUTE[recompute],
             )
@@ -102,3 +104,12 @@ def test_ep2_and_tp2_ep2_planned_allgather_dispatch_world4(run_dist):
 @pytest.mark.slow
 def test_pp2_ep2_full_recompute_planned_allgather_dispatch_world4(run_dist):
     run_dist(_check, 4, [Layout(pp=2, ep=2)], ["r3", "pr2"], "full", 3, "allgather")
+
+
+@pytest.mark.slow
+def test_padded_zero_drop_dispatch_ep2_tp2_ep2_pp2_ep2_world4(run_dist):
+    """megatron's drop-and-pad all-to-all at the plan's capacity (equal splits, fixed shapes)
+    gives the dropless results: EP2 (DP2), TP2 x EP2 (ETP2), PP2 x EP2 with recompute."""
+    layouts = [Layout(ep=2), Layout(tp=2, ep=2)]
+    run_dist(_check, 4, layouts, ["r2", "r3", "pr2"], "off", 3, "alltoall", True)
+    run_dist(_check, 4, [Layout(pp=2, ep=2)], ["r3"], "full", 3, "alltoall", True)

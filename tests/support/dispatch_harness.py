@@ -111,12 +111,15 @@ def replay_pass(
     routes: Any,
     planner: DispatchPlanner | None = None,
     plan: DispatchPlan | None = None,
+    padded: bool = False,
     **replay_kwargs: Any,
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], Counter[str]]:
     """One replayed forward/backward: (loss outputs, grads, dispatcher sync counts)."""
     h.zero_grads(chunks)
     planning = (
-        planner.planning(plan, verify=False) if plan is not None else contextlib.nullcontext()
+        planner.planning(plan, verify=False, padded=padded)
+        if plan is not None
+        else contextlib.nullcontext()
     )
     with count_dispatch_syncs() as counts, planning, session.replaying(routes, **replay_kwargs):
         losses = lm_forward_backward(chunks, batches)
@@ -138,10 +141,15 @@ def routes_for(mode: str, chunks: list[GPTModel], session: ReplaySession, batche
 
 
 def check_planned_matches_megatron(
-    mode: str, num_microbatches: int = 3, tolerance: float = 1e-6, **overrides: Any
+    mode: str,
+    num_microbatches: int = 3,
+    tolerance: float = 1e-6,
+    padded: bool = False,
+    **overrides: Any,
 ) -> dict[str, int]:
-    """Build, replay with megatron's dispatch and with the plan; assert identical outputs,
-    gradients, and no count all-gather / host sync under the plan. Returns the plan stats."""
+    """Build, replay with megatron's (dropless) dispatch and with the plan (``padded``: the
+    plan's zero-drop capacity); assert identical outputs, gradients, and no count all-gather /
+    host sync under the plan. Returns the plan stats."""
     chunks = build_planned(mode, **overrides)
     session = ReplaySession(chunks)
     planner = DispatchPlanner(chunks)
@@ -151,7 +159,7 @@ def check_planned_matches_megatron(
     planner.take_stats()
     ref_out, ref_grads, ref_counts = replay_pass(chunks, session, batches, routes)
     assert planner.take_stats().get("dispatch/planned", 0) == 0
-    out, grads, counts = replay_pass(chunks, session, batches, routes, planner, plan)
+    out, grads, counts = replay_pass(chunks, session, batches, routes, planner, plan, padded)
     stats = planner.take_stats()
     assert max_diff(ref_out, out) <= tolerance, (mode, max_diff(ref_out, out))
     grad_gap = h.max_grad_diff(ref_grads, grads)

@@ -69,6 +69,7 @@ def test_derive_splits_matches_per_rank_definition(ep, tp):
                     splits.tokens_per_local_expert[mb].tolist() == counts[:, local].sum(0).tolist()
                 )
                 assert splits.received_tokens[mb] == counts[:, local].sum()
+                assert splits.max_count[mb] == counts.max()  # over every rank and expert
                 rows = [counts[j * tp + t, local] for t in range(tp) for j in range(ep)]
                 assert splits.global_tokens_per_local_expert[mb].tolist() == np.stack(rows).tolist()
 
@@ -156,8 +157,8 @@ def test_plan_memory_is_per_layer_and_microbatch_not_per_token():
     topo = _topology(2, 2, 1, 0)
     gathered = np.ones((4, 5, 8), dtype=np.int64)
     splits = derive_splits(gathered, np.full(5, 10_000), topo)
-    # splits, tp splits, nle, tp*ep*nle, E, received tokens
-    per_microbatch = (2 + 2 + 2 + 4 + 4 * 4 + 8 + 1) * 8
+    # splits, tp splits, nle, tp*ep*nle, E, received tokens, max count
+    per_microbatch = (2 + 2 + 2 + 4 + 4 * 4 + 8 + 1 + 1) * 8
     assert splits.nbytes == 5 * per_microbatch
 
 
@@ -248,4 +249,42 @@ def test_allgather_wrong_plan_changes_the_result(world1):
     counts[src] -= 1
     counts[(src + 1) % len(counts)] += 1
     out, _, _ = d.replay_pass(chunks, session, batches, routes, planner, plan)
+    assert d.max_diff(ref_out, out) > 1e-4
+
+
+# ---------------------------------------------------------------- padded zero-drop capacity
+@pytest.mark.parametrize("mode", ["r3", "r2"])
+def test_padded_zero_drop_dispatch_equals_dropless_world1(world1, mode):
+    """megatron's drop-and-pad dispatch with the plan's capacity (the largest count per
+    expert): fixed shapes, nothing dropped, the dropless results."""
+    from tests.support import dispatch_harness as d
+
+    stats = d.check_planned_matches_megatron(mode, padded=True)
+    assert stats["dispatch/planned"] == 4 * 3
+
+
+def test_padded_dispatch_with_full_recompute_world1(world1):
+    from tests.support import dispatch_harness as d
+
+    stats = d.check_planned_matches_megatron("r3", padded=True, **d.h.RECOMPUTE["full"])
+    assert stats["dispatch/planned"] == 2 * 4 * 3
+
+
+def test_padded_capacity_is_the_largest_count_and_one_less_drops(world1):
+    """The capacity is exactly the largest count (the least padding that drops nothing); a
+    capacity one below it drops a token, and the outputs change."""
+    d, chunks, session, planner, batches = _planned_setup()
+    routes = d.h.random_routes(len(batches))
+    plan = planner.build(routes)
+    for layer in planner.layers:
+        for mb, route in enumerate(routes[layer]):
+            most = int(torch.bincount(route.reshape(-1), minlength=8).max())
+            assert plan.layers[layer].max_count[mb] == most
+    ref_out, ref_grads, _ = d.replay_pass(chunks, session, batches, routes)
+    out, grads, counts = d.replay_pass(chunks, session, batches, routes, planner, plan, True)
+    assert d.max_diff(ref_out, out) <= 1e-6 and d.h.max_grad_diff(ref_grads, grads) <= 1e-6
+    assert counts["host_sync"] == counts["host_read"] == 0
+    for splits in plan.layers.values():
+        splits.max_count[:] -= 1
+    out, _, _ = d.replay_pass(chunks, session, batches, routes, planner, plan, True)
     assert d.max_diff(ref_out, out) > 1e-4

@@ -268,6 +268,27 @@ def test_allgather_postprocess_is_what_the_planned_dispatcher_restates(world1):
     assert torch.equal(ref_map, got_map)
 
 
+def test_alltoall_drop_and_pad_is_per_call_state_the_padded_plan_can_set():
+    """The padded planned dispatch sets ``drop_and_pad`` / ``capacity`` (and the attributes of
+    megatron's drop-and-pad ``preprocess``) per call: every later step must read them from the
+    instance, and the drop-and-pad branch must set no other attribute."""
+    from megatron.core.transformer.moe import token_dispatcher as td
+
+    cls = td.MoEAlltoAllTokenDispatcher
+    for method in ("dispatch_preprocess", "dispatch_postprocess", "combine_preprocess"):
+        assert "self.drop_and_pad" in inspect.getsource(getattr(cls, method)), method
+    assert "if not self.drop_and_pad" in inspect.getsource(cls._maybe_dtoh_and_synchronize)
+    source = inspect.getsource(cls.preprocess)
+    branch = source[source.index("if self.drop_and_pad:") : source.index("return num_tokens")]
+    assigned = {line.split("=")[0].strip() for line in branch.splitlines() if " = " in line}
+    assert {a for a in assigned if a.startswith("self.")} == {
+        "self.capacity",
+        "self.num_out_tokens",
+        "self.num_global_tokens_per_local_expert",
+    }
+    assert "self.capacity," in inspect.getsource(cls.dispatch_postprocess)  # the view sizes
+
+
 # ---------------------------------------------------------------- patch point 1b: native API
 #: megatron's RouterReplay API that CompatRouterReplay serves, per version: a new or renamed
 #: method or field fails here before it can bypass our state.
