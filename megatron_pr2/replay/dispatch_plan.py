@@ -29,7 +29,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_pr2.patch.dispatcher import PlannedDispatcher, ReplayMoELayer
+from megatron_pr2.patch.dispatcher import (
+    PlannedAlltoAllTokenDispatcher,
+    PlannedDispatcher,
+    ReplayMoELayer,
+)
 from megatron_pr2.replay.state import PlannedRoute, in_backward_recompute
 from megatron_pr2.routes.dispatch_counts import (
     DispatchTopology,
@@ -242,6 +246,13 @@ class DispatchPlanner:
         missing = [layer for layer in self.layers if layer not in plan.layers]
         if missing:
             raise ValueError(f"dispatch plan has no layer(s) {missing}")
+        if padded and not all(
+            isinstance(d, PlannedAlltoAllTokenDispatcher) for d in self._dispatchers.values()
+        ):
+            raise ValueError(
+                "padded dispatch needs the all-to-all dispatcher (megatron's "
+                "all-gather dispatcher has no drop-and-pad mode)"
+            )
         for layer, dispatcher in self._dispatchers.items():
             # all-to-all: megatron sorts on permute_idx_device; all-gather: sizes stay on the host
             device = getattr(dispatcher, "permute_idx_device", None) or "cpu"

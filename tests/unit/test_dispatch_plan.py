@@ -288,3 +288,15 @@ def test_padded_capacity_is_the_largest_count_and_one_less_drops(world1):
         splits.max_count[:] -= 1
     out, _, _ = d.replay_pass(chunks, session, batches, routes, planner, plan, True)
     assert d.max_diff(ref_out, out) > 1e-4
+
+
+def test_padded_dispatch_is_refused_for_the_allgather_dispatcher(world1):
+    from megatron_pr2.replay.dispatch_plan import DispatchPlanner
+    from tests.support import dispatch_harness as d
+
+    chunks = d.build_planned("r3", moe_token_dispatcher_type="allgather")
+    planner = DispatchPlanner(chunks)
+    plan = planner.build(d.h.random_routes(2))
+    with pytest.raises(ValueError, match="no drop-and-pad mode"):
+        with planner.planning(plan, padded=True):
+            pass
