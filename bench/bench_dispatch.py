@@ -5,6 +5,7 @@ Run from the repository root (the default settings take a few minutes on 2 idle 
     .venv/bin/python bench/bench_dispatch.py                 # world 1
     .venv/bin/python bench/bench_dispatch.py --world 2       # EP2 on gloo (spawns 2 processes)
     .venv/bin/python bench/bench_dispatch.py --reps 3 --gpt-reps 2 --no-write   # smoke run
+    .venv/bin/python bench/bench_dispatch.py --dispatcher allgather  # the all-gather dispatcher
 
 Both variants run the same model, the same replayed routes and megatron's own permute /
 all-to-all / expert / combine code; they differ only in where ``preprocess`` gets its counts:
@@ -17,8 +18,12 @@ round-robin, start rotated, medians reported, after a warm-up:
 2. ``layer``: one MoE layer forward + backward inside a replayed pass;
 3. ``gpt step``: one tiny-GPT step (``lm_forward_backward``, 4 microbatches).
 
-Also printed: the per-step count all-gathers and host synchronisations of megatron's dispatcher
-(counted on its own calls) and the plan's build time and size. On CPU the "host sync" costs
+With the all-to-all dispatcher the GPT step also runs ``padded``: the plan's zero-drop capacity
+through megatron's drop-and-pad path (fixed shapes, equal splits). With ``--dispatcher
+allgather`` the plan replaces the dispatcher's blocking ``.cpu()`` of the tokens per expert.
+
+Also printed: the per-step count all-gathers, host synchronisations and host reads of the
+dispatchers (counted on their own calls) and the plan's build time and size. On CPU the "host sync" costs
 nothing (there is no device), so the time saved here is the count all-gather and the Python
 work; bench/gpu/bench_dispatch_gpu.py measures the synchronisations on a GPU.
 Results go to stdout and to ``bench/RESULTS.md``, section "## Replay-aware dispatch (issue 17)".
@@ -79,7 +84,7 @@ def moe_layer(args: argparse.Namespace):
         num_moe_experts=args.experts,
         moe_router_topk=args.topk,
     )
-    config = moe_transformer_config(shape)
+    config = moe_transformer_config(shape, moe_token_dispatcher_type=args.dispatcher)
     spec = get_moe_module_spec(use_te=False, num_experts=args.experts, moe_grouped_gemm=False)
     spec = with_planned_dispatch(with_replay_router(spec, RouterReplayConfig(mode="r2")))
     if isinstance(spec, functools.partial):  # megatron-core 0.19 MoE builders
@@ -147,9 +152,9 @@ def bench_layer(args: argparse.Namespace, rank: int) -> dict[str, float]:
         **{f"layer_{v}": lay[v] for v in VARIANTS},
         "plan_build_ms": build_ms,
         "plan_bytes": plan.nbytes,
-        "megatron_syncs": megatron_counts["host_sync"],
+        "megatron_syncs": megatron_counts["host_sync"] + megatron_counts["host_read"],
         "megatron_count_gathers": megatron_counts["count_allgather"],
-        "planned_syncs": planned_counts["host_sync"],
+        "planned_syncs": planned_counts["host_sync"] + planned_counts["host_read"],
         "planned_count_gathers": planned_counts["count_allgather"],
     }
 
@@ -159,40 +164,53 @@ def bench_gpt(args: argparse.Namespace) -> dict[str, float]:
     from megatron_pr2.replay.session import ReplaySession
     from tests.support import dispatch_harness as d
 
-    chunks = d.build_planned("r3")
+    chunks = d.build_planned("r3", moe_token_dispatcher_type=args.dispatcher)
     session = ReplaySession(chunks)
     planner = DispatchPlanner(chunks)
     batches = d.h.make_batches(4)
     routes = d.h.random_routes(len(batches))
     plan = planner.build(routes)
+    variants = VARIANTS + (("padded",) if args.dispatcher == "alltoall" else ())
 
-    def step(planned: bool) -> Callable[[], None]:
+    def step(variant: str) -> Callable[[], None]:
         def run() -> None:
-            d.replay_pass(chunks, session, batches, routes, *((planner, plan) if planned else ()))
+            if variant == "megatron":
+                d.replay_pass(chunks, session, batches, routes)
+            else:
+                d.replay_pass(chunks, session, batches, routes, planner, plan, variant == "padded")
 
         return run
 
-    times = timed({v: step(v == "planned") for v in VARIANTS}, args.gpt_warmup, args.gpt_reps)
+    times = timed({v: step(v) for v in variants}, args.gpt_warmup, args.gpt_reps)
     ref = d.replay_pass(chunks, session, batches, routes)
-    new = d.replay_pass(chunks, session, batches, routes, planner, plan)
-    assert d.max_diff(ref[0], new[0]) <= 1e-6, "planned dispatch changed the losses"
+    out = {}
+    for variant in variants[1:]:
+        new = d.replay_pass(chunks, session, batches, routes, planner, plan, variant == "padded")
+        assert d.max_diff(ref[0], new[0]) <= 1e-6, f"{variant} dispatch changed the losses"
+        out[f"gpt_{variant}_syncs"] = new[2]["host_sync"] + new[2]["host_read"]
+        out[f"gpt_{variant}_count_gathers"] = new[2]["count_allgather"]
     return {
-        **{f"gpt_{v}": times[v] for v in VARIANTS},
-        "gpt_megatron_syncs": ref[2]["host_sync"],
+        **{f"gpt_{v}": times[v] for v in variants},
+        "gpt_megatron_syncs": ref[2]["host_sync"] + ref[2]["host_read"],
         "gpt_megatron_count_gathers": ref[2]["count_allgather"],
-        "gpt_planned_syncs": new[2]["host_sync"],
-        "gpt_planned_count_gathers": new[2]["count_allgather"],
+        **out,
     }
 
 
 def report(results: dict[str, float], args: argparse.Namespace) -> str:
-    def row(label: str, key: str) -> str:
-        ref, new = results[f"{key}_megatron"], results[f"{key}_planned"]
+    def row(label: str, key: str, variant: str = "planned") -> str:
+        ref, new = results[f"{key}_megatron"], results[f"{key}_{variant}"]
         return f"| {label} | {ref:.3f} | {new:.3f} | {new / ref:.3f} |"
 
+    padded = (
+        [row("GPT step, padded zero-drop plan (planned column)", "gpt", "padded")]
+        if "gpt_padded" in results
+        else []
+    )
     return "\n".join(
         [
-            f"### megatron-core {_core_version()}, world {args.world} (EP{args.world}), CPU",
+            f"### megatron-core {_core_version()}, world {args.world} (EP{args.world}), CPU, "
+            f"{args.dispatcher} dispatcher",
             "",
             f"MoE layer: hidden {args.hidden}, ffn {args.ffn}, {args.experts} experts, top-"
             f"{args.topk}, {args.tokens} tokens/rank; GPT: tiny 4-layer, 4 microbatches. "
@@ -200,12 +218,21 @@ def report(results: dict[str, float], args: argparse.Namespace) -> str:
             "",
             "| measure (ms) | megatron | planned | planned / megatron |",
             "|---|---|---|---|",
-            row("dispatch preprocess, per layer call", "preprocess"),
+            row(
+                "dispatch preprocess, per layer call"
+                + (
+                    " (lookup only: .cpu() is in postprocess)"
+                    if args.dispatcher != "alltoall"
+                    else ""
+                ),
+                "preprocess",
+            ),
             row("MoE layer forward + backward", "layer"),
             row("GPT step (4 microbatches)", "gpt"),
+            *padded,
             "",
             f"Per GPT step: megatron {results['gpt_megatron_count_gathers']} count all-gathers, "
-            f"{results['gpt_megatron_syncs']} host syncs; planned "
+            f"{results['gpt_megatron_syncs']} host syncs/reads; planned "
             f"{results['gpt_planned_count_gathers']} and {results['gpt_planned_syncs']}. "
             f"Plan build (one layer, once per batch): {results['plan_build_ms']:.2f} ms, "
             f"{results['plan_bytes']} bytes.",
@@ -230,7 +257,8 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> None:
         if not args.no_write:
             from bench.results import write_section
 
-            write_section(SECTION_TITLE, f"{SECTION_TITLE}\n\n{text}\n")
+            title = SECTION_TITLE + ("" if args.dispatcher == "alltoall" else ", all-gather")
+            write_section(title, f"{title}\n\n{text}\n")
 
 
 def main() -> None:
@@ -245,6 +273,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=32)
     parser.add_argument("--topk", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--dispatcher", choices=("alltoall", "allgather"), default="alltoall")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
