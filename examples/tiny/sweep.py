@@ -31,9 +31,14 @@ def _runs(grid: list[str], seeds: list[int]) -> list[list[str]]:
     return [[*combo, f"grpo.seed={seed}"] for combo in combos for seed in seeds]
 
 
-def _rewards(metrics: Path) -> list[float]:
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    return [r["train/reward"] for r in rows if "train/reward" in r]
+def _rows(metrics: Path) -> list[dict]:
+    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+
+
+def _validation(rows: list[dict]) -> str:
+    """``first -> last`` validation accuracy (grpo.val_period), or empty without validation."""
+    accs = [r["validation/accuracy"] for r in rows if "validation/accuracy" in r]
+    return f"{accs[0]:.3f} -> {accs[-1]:.3f}" if accs else ""
 
 
 def main() -> None:
@@ -51,8 +56,8 @@ def main() -> None:
     lines = [
         f"Base: `{args.config}` {' '.join(args.overrides)}",
         "",
-        f"| run | first {args.window} | last {args.window} | gain | max |",
-        "|---|---|---|---|---|",
+        f"| run | first {args.window} | last {args.window} | gain | max | val. accuracy |",
+        "|---|---|---|---|---|---|",
     ]
     for i, run in enumerate(_runs(args.grid, args.seeds)):
         log_dir = out / f"run{i:02d}"
@@ -70,13 +75,15 @@ def main() -> None:
             result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         name = " ".join(run)
         if result.returncode:
-            lines.append(f"| {name} | failed (exit {result.returncode}) | | | |")
+            lines.append(f"| {name} | failed (exit {result.returncode}) | | | | |")
             continue
-        rewards = _rewards(log_dir / "metrics.jsonl")
+        rows = _rows(log_dir / "metrics.jsonl")
+        rewards = [r["train/reward"] for r in rows if "train/reward" in r]
         first = statistics.mean(rewards[: args.window])
         last = statistics.mean(rewards[-args.window :])
         lines.append(
-            f"| {name} | {first:.3f} | {last:.3f} | {last - first:+.3f} | {max(rewards):.3f} |"
+            f"| {name} | {first:.3f} | {last:.3f} | {last - first:+.3f} | {max(rewards):.3f} "
+            f"| {_validation(rows)} |"
         )
         print(lines[-1], flush=True)
         (out / "sweep.md").write_text("\n".join(lines) + "\n")

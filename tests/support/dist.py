@@ -56,7 +56,10 @@ def init_process(rank: int, world_size: int, port: int) -> None:
     from tests.support import cpu_shim
 
     cpu_shim.install()
-    torch.set_num_threads(max(1, 2 // world_size))
+    # OMP_NUM_THREADS, when set, wins: a second intra-op thread per process spin-waits for a
+    # core that other processes hold, which made runs sharing the 2 cores up to 30x slower.
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    torch.set_num_threads(int(threads) if threads.isdigit() else max(1, 2 // world_size))
     if not dist.is_initialized():
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
 
