@@ -153,11 +153,12 @@ def test_traces_agree_with_the_replay_metrics(world1, tmp_path):
         "logger.tensorboard_enabled=false",
         "logger.progress_bar=false",
         "grpo.max_num_steps=2",
-        "grpo.sft_warmup_steps=2",
-        "grpo.sft_batch_size=4",
-        "grpo.num_prompts_per_step=2",
+        "grpo.sft_warmup_steps=20",
+        "grpo.sft_batch_size=16",
+        "grpo.num_prompts_per_step=4",
         "grpo.off_policy_steps=2",
         "policy.micro_batch_size=2",
+        "task.partial_credit=0.5",  # every mini-batch has reward spread: nonzero gradients
     ]
     history = train(load_config("examples/tiny/grpo_tiny.yaml", overrides))
     for metrics in history:
