@@ -275,11 +275,21 @@ class PolicyWorker:
 
     def _token_keys(self, batch: RLBatch, indices: Sequence[int]) -> list[torch.Tensor]:
         """Predictor keys of micro-batches ``indices`` in router order; sample id = batch row,
-        so every pass and rank derives the same keys for the same token."""
+        so every pass and rank derives the same keys for the same token.
+
+        With engine routes (r3, pr2_r3) each sample's last token is keyed like padding: no
+        engine forwards it, so its route is synthetic (``routes.payload``) and its hidden
+        states downstream of that route are not the policy's. It carries no loss either way;
+        keyed as padding it is left out of the replay metrics (which would count the synthetic
+        route as a deviation) and out of the predictor's training targets.
+        """
         layouts = rollout_layouts(
             batch.lengths.tolist(), int(batch.tokens.shape[1]), self.micro_batch_size
         )
-        return [rank_token_keys(layouts[j], self._coords) for j in indices]
+        keys = [rank_token_keys(layouts[j], self._coords) for j in indices]
+        if self.replay.uses_external_routes:
+            keys = [_key_last_token_as_padding(k, batch.lengths) for k in keys]
+        return keys
 
     # ------------------------------------------------------------------ old log-probs
     @torch.no_grad()
@@ -317,12 +327,13 @@ class PolicyWorker:
                     {layer: [per_mb[j] for j in local] for layer, per_mb in routes.items()},
                     num_tokens=[len(k) for k in all_keys],
                 )
-                # pr2_r3: the predictor learns from this pass's router inputs and logits.
-                keys = all_keys if self.replay.uses_predictor else None
                 self._plan = self._build_plan(prepared)
                 with (
                     self._planning(self._plan),
-                    self.session.replaying(prepared, keys, cache_features=keys is not None),
+                    # pr2_r3: the predictor learns from this pass's router inputs and logits.
+                    self.session.replaying(
+                        prepared, all_keys, cache_features=self.replay.uses_predictor
+                    ),
                 ):
                     outputs = self._forward_only(microbatches)
                 self._routes = prepared
@@ -485,3 +496,13 @@ class PolicyWorker:
         if grad_norm is not None and math.isfinite(float(grad_norm)):
             metrics["grad_norm"] = float(grad_norm)
         return metrics
+
+
+def _key_last_token_as_padding(keys: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``keys`` with each sample's last real token given a unique negative (padding) key."""
+    real = keys >= 0
+    sample = torch.where(real, keys >> 32, 0)
+    position = keys & 0xFFFFFFFF
+    last = real & (position == lengths.to(keys.device)[sample] - 1)
+    unrouted = -(1 << 32) - torch.arange(keys.shape[0], dtype=keys.dtype, device=keys.device)
+    return torch.where(last, unrouted, keys)

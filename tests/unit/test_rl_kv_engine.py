@@ -190,7 +190,12 @@ def test_worker_replays_kv_engine_routes(world1):
     batch = RLBatch.from_rollout(rollout, advantages, pad_id=PAD)
     prev = worker.get_logprobs(batch, rollout.routes)
     mask = rollout.response_mask.bool()
-    assert worker.logprob_metrics["logprobs/router_replay/tokens"] > 0
+    # Measured: every token the engine forwarded, i.e. all but padding and each sample's last
+    # token (no engine forwards it; its route is synthetic and would read as a deviation).
+    forwarded = int(rollout.lengths.sum()) - len(rollout.lengths)
+    prefix = "logprobs/router_replay/tokens/layer_"
+    per_layer = [v for k, v in worker.logprob_metrics.items() if k.startswith(prefix)]
+    assert per_layer and all(v == forwarded for v in per_layer)
     # fp32 trainer under the bf16 engine's routes vs the engine's own log-probs: the bf16 gap.
     assert (prev[mask] - rollout.generation_logprobs[mask]).abs().max() < 0.1
 
