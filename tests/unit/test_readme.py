@@ -34,6 +34,9 @@ SHORT_RUN = [
     "logger.progress_bar=false",
     "grpo.val_period=1",
     "grpo.max_val_samples=4",
+    # the optional metric groups the README names: drift probe and planned dispatch
+    "logger.drift_probe_tokens=8",
+    "policy.router_replay.planned_dispatch=true",
 ]
 
 
@@ -169,14 +172,14 @@ def test_expand_reads_the_readme_forms():
 
 
 def _readme_metric_names() -> tuple[list[str], list[str]]:
-    """Code spans that name metrics: trainer names (``train/``, ``timing/``, ``sft/``,
+    """Code spans that name metrics: trainer names (``train/``, ``timing/``, ``sft/``, ``drift/``,
     ``validation/``: keys of
     ``metrics.jsonl``) and session names (``router_replay/``, ``pr2/``: ``session.metrics()``,
     which the trainer writes under ``train/`` or, for the old-log-prob pass, ``train/logprobs/``)."""
     prose = re.sub(r"^```.*?^```$", "", README.read_text(), flags=re.MULTILINE | re.DOTALL)
     spans = ["".join(s.split()) for s in re.findall(r"`([^`]+)`", prose)]
     name = r"[\w{},*/]+"
-    trainer = [s for s in spans if re.fullmatch(rf"(train|timing|sft|validation)/{name}", s)]
+    trainer = [s for s in spans if re.fullmatch(rf"(train|timing|sft|validation|drift)/{name}", s)]
     session = [s for s in spans if re.fullmatch(rf"(router_replay|pr2)/{name}", s)]
     return trainer, session
 
