@@ -44,9 +44,11 @@ def _check(path: Path, *overrides: str, variants: tuple[str, ...] = ()):
 
 
 def test_every_model_ships_the_three_modes():
+    # pr2.yaml is the paper's PR2: the engine samples under the predicted routes (pr2_r3)
+    expected = {"r2": "r2", "r3": "r3", "pr2": "pr2_r3"}
     for path in MODE_FILES:
         recipe = load_recipe(path)
-        assert recipe.get("policy.router_replay.mode") == path.stem, path
+        assert recipe.get("policy.router_replay.mode") == expected[path.stem], path
 
 
 @pytest.mark.parametrize("path", ALL_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -100,7 +102,7 @@ def test_trainer_sees_no_launch_sections():
     from megatron_pr2.rl.config import config_from_dict
 
     config = config_from_dict(values)
-    assert config.policy.router_replay.mode == "pr2"
+    assert config.policy.router_replay.mode == "pr2_r3"
 
 
 # ------------------------------------------------------------------ model shapes
