@@ -24,25 +24,31 @@ at real lengths. Here:
   sampled under. They are reassembled per sample into the trainer's replay layout through
   :mod:`megatron_pr2.rl.rollout_routes`.
 
-Layouts: one model chunk without sequence parallelism or pipelining (TP, EP and DP run: every
-rank generates the whole batch and DP rank 0's picks are broadcast). Pipeline or sequence
-parallel trainers fall back to the recompute engine (megatron's schedule has no inference
-context, and a one-token step cannot be split over SP ranks).
+Layouts: one model chunk without pipelining (TP, EP and DP run: every rank generates the whole
+batch and DP rank 0's picks are broadcast). A sequence-parallel trainer gets an engine built
+without SP: a one-token step cannot be split over SP ranks, and SP changes only where
+activations live, not the weights the refit copies (inference engines run TP without SP too).
+Its routes are still aligned to the trainer's SP layout and its widths padded to a multiple of
+TP, as the trainer needs. Pipeline-parallel trainers fall back to the recompute engine
+(megatron's pipeline schedule has no inference context).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.transformer import TransformerConfig
 
 from megatron_pr2.models.gpt import model_device
 from megatron_pr2.rl.engine import Rollout, RolloutEngine
 from megatron_pr2.rl.parallel import broadcast_from_data_parallel_rank0, comm_device
 from megatron_pr2.rl.rollout_routes import rollout_routes
 from megatron_pr2.rl.sampling import SamplingParams, sample_next
+from megatron_pr2.routes.layout import RankCoords
 from megatron_pr2.routes.payload import RouteSpec
 
 __all__ = ["KVCacheEngine"]
@@ -55,8 +61,14 @@ class KVCacheEngine(RolloutEngine):
     """The bf16 policy copy of :class:`RolloutEngine` (same ``refresh``), generating with a KV
     cache. ``top_k``: the default top-k cut of ``generate`` (``generation.top_k``)."""
 
-    def __init__(self, *args, top_k: int | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, config: TransformerConfig, *args, top_k: int | None = None, **kwargs):
+        trainer_sp = bool(config.sequence_parallel)
+        if trainer_sp and parallel_state.get_pipeline_model_parallel_world_size() == 1:
+            config = dataclasses.replace(config, sequence_parallel=False)  # see module docstring
+        super().__init__(config, *args, **kwargs)
+        if trainer_sp:  # routes in the trainer's SP layout, widths it can split over TP
+            self._coords = RankCoords.from_megatron(True)
+            self.seq_multiple = self._coords.tp_size
         self.top_k = top_k
         self.route_spec = RouteSpec.from_config(self.chunks[0].config)
 
@@ -242,11 +254,17 @@ class _Generation:
             memory[layer] = (key.index_select(1, keep), value.index_select(1, keep))
 
     def results(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Host ``(tokens, log-probs, lengths)`` cut to the longest sample."""
+        """Host ``(tokens, log-probs, lengths)`` cut to the longest sample (padded to the
+        trainer's width multiple: TP under sequence parallelism)."""
         lengths = self.lengths.cpu()
-        seq = int(lengths.max())
-        tokens = self.tokens[:, :seq].cpu().contiguous()
-        return tokens, self.logprobs[:, :seq].cpu().contiguous(), lengths
+        seq = self.engine._padded_width(int(lengths.max()))
+        extra = max(0, seq - self.tokens.shape[1])
+        tokens = self.tokens[:, :seq].cpu()
+        logprobs = self.logprobs[:, :seq].cpu()
+        if extra:
+            tokens = torch.nn.functional.pad(tokens, (0, extra), value=self.engine.pad_id)
+            logprobs = torch.nn.functional.pad(logprobs, (0, extra), value=0.0)
+        return tokens.contiguous(), logprobs.contiguous(), lengths
 
     def routes_per_sample(self, recorded, lengths: torch.Tensor) -> list[torch.Tensor]:
         """Each sample's routes of its forwarded tokens, ``[length - 1, moe layers, topk]``,

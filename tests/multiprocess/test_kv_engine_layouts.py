@@ -1,6 +1,7 @@
-"""The KV-cached engine in the parallel layouts it serves (EP2 over DP2, TP2 without sequence
-parallelism): greedy rollouts equal the recompute engine's in the same layout, each rank's
-routes of real tokens equal the recompute engine's, and sampled rollouts agree over ranks."""
+"""The KV-cached engine in the parallel layouts it serves (EP2 over DP2, TP2 without and with
+sequence parallelism in the trainer): greedy rollouts equal the recompute engine's in the same
+layout, each rank's routes of real tokens equal the recompute engine's (under SP: this rank's
+sequence slice), and sampled rollouts agree over ranks."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ PROMPT_LENGTHS = (3, 6, 4, 5)
 MAX_NEW, MBS = 6, 2
 
 
-def _check_layout(layout: Layout) -> None:
+def _check_layout(layout: Layout, sequence_parallel: bool = False) -> None:
     from megatron_pr2.config import RouterReplayConfig
     from megatron_pr2.models.gpt import TinyMoEShape, build_model_chunks, moe_transformer_config
     from megatron_pr2.rl.engine import RolloutEngine, bf16_engine_config
@@ -24,7 +25,7 @@ def _check_layout(layout: Layout) -> None:
 
     init_layout(layout)
     shape = TinyMoEShape(num_layers=2, vocab_size=VOCAB, max_sequence_length=MAX_SEQ)
-    config = moe_transformer_config(shape, sequence_parallel=False)
+    config = moe_transformer_config(shape, sequence_parallel=sequence_parallel)
     trainer = build_model_chunks(config, VOCAB, MAX_SEQ, RouterReplayConfig(mode="r3"))
     kw = dict(pad_id=0, eos_id=1)
     old = RolloutEngine(bf16_engine_config(config), VOCAB, MAX_SEQ, **kw)
@@ -39,12 +40,15 @@ def _check_layout(layout: Layout) -> None:
     b = new.generate(prompts, MAX_NEW, top_k=1, micro_batch_size=MBS)
     assert torch.equal(a.tokens, b.tokens), layout.name
     assert torch.allclose(a.generation_logprobs, b.generation_logprobs, atol=1e-5)
-    seq = a.seq_length
+    assert a.seq_length % (2 if sequence_parallel else 1) == 0
+    local = a.seq_length // (2 if sequence_parallel else 1)  # this rank's positions
+    first = torch.distributed.get_rank() * local if sequence_parallel else 0
     for layer in a.routes:
         for mb, (x, y) in enumerate(zip(a.routes[layer], b.routes[layer])):
-            x, y = x.long().view(seq, MBS, -1), y.long().view(seq, MBS, -1)
+            assert x.shape == y.shape == (local * MBS, x.shape[1]), layout.name
+            x, y = x.long().view(local, MBS, -1), y.long().view(local, MBS, -1)
             for j in range(MBS):
-                n = int(a.lengths[mb * MBS + j]) - 1
+                n = max(0, min(local, int(a.lengths[mb * MBS + j]) - 1 - first))
                 assert torch.equal(x[:n, j].sort(-1).values, y[:n, j].sort(-1).values)
 
     sampled = new.generate(prompts, MAX_NEW, generator=torch.Generator().manual_seed(1))
@@ -56,7 +60,8 @@ def _check_layout(layout: Layout) -> None:
 def _run(rank: int, world: int) -> None:
     for layout in (Layout(ep=2), Layout(tp=2)):
         _check_layout(layout)
+    _check_layout(Layout(tp=2), sequence_parallel=True)
 
 
-def test_kv_engine_under_ep2_and_tp2(run_dist):
+def test_kv_engine_under_ep2_and_tp2_with_and_without_sp(run_dist):
     run_dist(_run, 2)

@@ -1,5 +1,7 @@
 """The GRPO loop in multi-process layouts: every mode runs a few steps under PP2 x EP2 (world 4,
-data parallel 2) and TP2 (sequence parallel) x PP2, with the checks of the world-1 test."""
+data parallel 2) and TP2 (sequence parallel) x PP2, and the engine-route modes under TP2 (sequence
+parallel) x EP2, where the KV-cached engine serves a sequence-parallel trainer; with the checks
+of the world-1 test."""
 
 from __future__ import annotations
 
@@ -76,6 +78,7 @@ def test_every_mode_under_pp2_ep2_and_tp2_sp_pp2(run_dist, tmp_path):
     cases = [
         (Layout(pp=2, ep=2), ["none", "r2", "r3", "pr2", "pr2_r3"]),
         (Layout(tp=2, pp=2), ["r2", "pr2"]),
+        (Layout(tp=2, ep=2), ["r3", "pr2_r3"]),
     ]
     run_dist(_run_layouts, 4, str(tmp_path), cases)
 
