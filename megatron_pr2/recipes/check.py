@@ -501,6 +501,13 @@ def check_recipe(
             + ", ".join(p.split("=")[0] for p in pending)
             + " yet: pr2 launch refuses this layout until it does"
         )
+    if lay.pp > 1 and config.generation.backend == "megatron":
+        warn.append(
+            f"PP={lay.pp}: the megatron rollout engine has no KV cache under pipeline "
+            "parallelism (megatron's pipeline schedule has no inference context) and re-runs "
+            "the whole sequence for every new token, quadratic in generation.max_new_tokens"
+            f"={config.generation.max_new_tokens}: use generation.backend=vllm, or a PP=1 layout"
+        )
     mode = config.policy.router_replay.mode
     if errors:
         return result

@@ -379,3 +379,12 @@ def test_input_paths_resolve_against_the_file_that_sets_them(tmp_path, monkeypat
     assert recipe.get("data.val_files") == str(tmp_path / "s" / "v.parquet")
     assert recipe.get("policy.tokenizer.name") == str(tmp_path / "sub" / "tok")  # from the cwd
     assert recipe.get("logger.log_dir") == "logs/x"
+
+
+def test_pipeline_parallel_layout_warns_that_rollouts_lose_the_kv_cache():
+    """nodes8 (PP2) generates with the recompute fallback: said, with the way out."""
+    _, plain = _check(QWEN)
+    assert not any("KV cache" in w for w in plain.warnings), plain.warnings
+    recipe, result = _check(QWEN, variants=("nodes8",))
+    assert result.ok, format_result(recipe, result)
+    assert any("PP=2" in w and "generation.backend=vllm" in w for w in result.warnings)
