@@ -62,6 +62,10 @@ class PredictorConfig:
             6.1 KiB instead of 408 KiB per token of the batch).
         cache_tokens_per_step: hard cap on cached tokens per recording pass, layer and rank.
         cache_dtype: host storage dtype of the cache (``bf16``, ``fp16`` or ``fp32``).
+        offset_clip: a magnitude clip on the offset where it picks routes: each entry within
+            ``offset_clip`` x the std over experts of that token's old logits (0: off). Only
+            tokens near a top-k boundary can then change experts, as the router's small
+            per-update drift changes them; training the predictor is unchanged.
     """
 
     loss_type: PredictorLoss = PredictorLoss.KL_POST
@@ -70,8 +74,11 @@ class PredictorConfig:
     cache_keep_fraction: float = 0.03
     cache_tokens_per_step: int = 65536
     cache_dtype: str = "bf16"
+    offset_clip: float = 0.0
 
     def __post_init__(self) -> None:
+        if not self.offset_clip >= 0.0:
+            raise ValueError(f"predictor.offset_clip must be >= 0, got {self.offset_clip}")
         if not isinstance(self.loss_type, PredictorLoss):
             self.loss_type = PredictorLoss(str(self.loss_type).replace("-", "_"))
         if self.cache_dtype not in ("bf16", "fp16", "fp32"):

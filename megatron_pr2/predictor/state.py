@@ -52,8 +52,12 @@ class PredictorState:
         logits: torch.Tensor,
         keys: MicrobatchKeys,
     ) -> torch.Tensor:
-        """Cache the sampled tokens' features; return the predicted offset for all tokens."""
+        """Cache the sampled tokens' features; return the predicted offset for all tokens
+        (clipped by ``offset_clip``)."""
         offset = predictor(hidden)
+        if self.config.offset_clip > 0:
+            bound = self.config.offset_clip * logits.detach().float().std(dim=-1, keepdim=True)
+            offset = torch.maximum(torch.minimum(offset, bound), -bound)
         room = self.config.cache_tokens_per_step - self.cache.num_tokens
         if room > 0:
             device_rows, row_keys = self._sampled_rows(keys)

@@ -332,3 +332,32 @@ def test_predictor_metric_terms_stay_bounded_and_sum_exactly():
     assert max(len(terms) for terms in state._device_terms.values()) < 256
     assert state.take_counters()[LOSS_SUM] == sum(range(1000))
     assert state.take_counters()[LOSS_SUM] == 0.0  # taken: the next call starts from zero
+
+
+def test_offset_clip_bounds_the_offset_by_each_tokens_logit_spread():
+    """``offset_clip``: each offset entry within clip x std(old logits) of its token, where it
+    picks routes; 0 leaves the offset as the predictor gives it."""
+    from megatron_pr2.predictor.module import EvolutionPredictor
+    from megatron_pr2.predictor.state import PredictorState
+
+    g = torch.Generator().manual_seed(0)
+    predictor = EvolutionPredictor(4, 6, sequence_parallel=False)
+    predictor.weight.data = torch.randn(6, 4, generator=g) * 3.0
+    hidden = torch.randn(10, 4, generator=g)
+    logits = torch.randn(10, 6, generator=g) * torch.linspace(0.1, 2.0, 10)[:, None]
+    keys = MicrobatchKeys(token_keys(torch.zeros(10, dtype=torch.long), torch.arange(10)))
+    raw = predictor(hidden).detach()
+
+    plain = PredictorState(PredictorConfig(cache_keep_fraction=1.0), topk=2)
+    assert torch.equal(plain.record(predictor, hidden, logits, keys).detach(), raw)
+
+    clipped = PredictorState(PredictorConfig(cache_keep_fraction=1.0, offset_clip=0.5), topk=2)
+    offset = clipped.record(predictor, hidden, logits, keys).detach()
+    bound = 0.5 * logits.std(dim=-1, keepdim=True)
+    assert bool((offset.abs() <= bound + 1e-6).all())
+    inside = raw.abs() <= bound
+    assert bool(inside.any()) and bool((~inside).any())  # both cases occur
+    assert torch.equal(offset[inside], raw[inside])
+    assert torch.allclose(offset[~inside], (raw.sign() * bound.expand_as(raw))[~inside])
+    with pytest.raises(ValueError, match="offset_clip"):
+        PredictorConfig(offset_clip=-1.0)
