@@ -172,7 +172,8 @@ def test_recipe_sbatch(tmp_path: Path, path: Path):
         assert "--rdzv-endpoint localhost:0" in torchrun and "--node-rank 0" in torchrun
     assert torchrun.endswith(f"--no-python pr2 train {out.config_path}")
     config = load_config(out.config_path)  # the trainer reads what the job gets
-    assert config.policy.router_replay.mode == path.stem
+    expected = {"pr2": "pr2_r3"}.get(path.stem, path.stem)  # pr2.yaml: the paper's PR2
+    assert config.policy.router_replay.mode == expected
 
 
 def test_qwen_8_node_layout_sbatch(tmp_path: Path):
