@@ -10,14 +10,7 @@
 #     --implementation cp --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.16.1
 # Logs land in $OUT (the device tool's output folder) or bench/gpu/out.
 set -u
-OUT=${OUT:-bench/gpu/out}
-mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 TORCHDYNAMO_DISABLE=1
+source bench/gpu/lent_machine_env.sh
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, megatron.core as m; print('torch', torch.__version__, 'mcore', m.__version__)"

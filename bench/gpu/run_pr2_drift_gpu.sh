@@ -9,14 +9,7 @@
 #     bash bench/gpu/run_pr2_drift_gpu.sh
 # Wheels for missing packages go in .whl/ beforehand (see run_lent_gpu.sh); logs land in $OUT.
 set -u
-OUT=${OUT:-bench/gpu/out}
-mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 TORCHDYNAMO_DISABLE=1
+source bench/gpu/lent_machine_env.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 PYTHON=${PYTHON:-python3}
 SHAPE=${SHAPE-policy.num_layers=4 policy.hidden_size=2048 policy.ffn_hidden_size=768 \
