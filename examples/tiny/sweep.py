@@ -2,7 +2,7 @@
 
 Every combination of the ``--grid`` values (times ``--seeds``) runs ``examples/train.py`` in its
 own process; the table compares the mean reward of the first and the last ``--window`` steps.
-Used to pick the main job's task, batch and learning rate (docs/results/sweeps/)::
+Used to pick the synthetic evidence config's task, batch and learning rate (docs/results/sweeps/)::
 
     python examples/tiny/sweep.py examples/tiny/grpo_off4.yaml \
         --grid policy.lr=1e-3,3e-3 task.max_digits=1,2 --seeds 1 --out logs/sweep

@@ -1,4 +1,4 @@
-"""``pr2 train CONFIG [key=value ...]``: the GRPO trainer on CUDA (``torchrun`` for several
+"""``pr2 train CONFIG [--variant V] [key=value ...]``: the GRPO trainer on CUDA (``torchrun`` for several
 GPUs; the layout comes from ``policy.*_parallel_size``)."""
 
 from __future__ import annotations
@@ -14,9 +14,14 @@ CPU_HINT = (
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("train", help="GRPO run from a YAML config (CUDA)")
-    parser.add_argument("config", help="YAML config (NeMo-RL key layout)")
+    from megatron_pr2.commands.overrides import add_parser_with_overrides
+
+    parser = add_parser_with_overrides(
+        subparsers, "train", help="GRPO run from a YAML config or recipe (CUDA)"
+    )
+    parser.add_argument("config", help="YAML trainer config (NeMo-RL key layout) or recipe")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    parser.add_argument("--variant", action="append", default=[], help="named recipe variant")
     parser.set_defaults(handler=run)
 
 
@@ -35,9 +40,10 @@ def init_distributed_cuda() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_pr2.rl.config import load_config
+    from megatron_pr2.recipes.loader import run_config
 
-    config = load_config(args.config, args.overrides)  # a bad key is a ConfigError, before init
+    # a bad key is a ConfigError, before init
+    config = run_config(args.config, args.overrides, args.variant)
     import torch
 
     if not torch.cuda.is_available():

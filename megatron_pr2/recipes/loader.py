@@ -28,9 +28,12 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from megatron_pr2.rl.config import MasterConfig
 
 __all__ = [
     "INPUT_PATH_KEYS",
@@ -41,6 +44,7 @@ __all__ = [
     "deep_merge",
     "load_recipe",
     "resolve_input_paths",
+    "run_config",
     "trainer_values",
     "unsupported_parallel_keys",
 ]
@@ -276,3 +280,38 @@ def trainer_values(recipe: Recipe, strict: bool = True) -> dict[str, Any]:
                         "support this parallel size yet (megatron_pr2.rl.config.PolicyConfig)"
                     )
     return values
+
+
+def is_recipe(path: str | Path) -> bool:
+    """Whether ``path`` holds a recipe (a launch-only section at its top level) rather than
+    a plain trainer config."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False  # the trainer config loader names what is wrong with the file
+    return isinstance(loaded, dict) and any(key in loaded for key in LAUNCH_SECTIONS)
+
+
+def run_config(
+    path: str | Path, overrides: Sequence[str] = (), variants: Sequence[str] = ()
+) -> MasterConfig:
+    """The trainer's config from ``path``: a recipe (its defaults, ``variants``, then the
+    overrides; launch-only sections removed) or a plain trainer config.
+
+    Why: ``examples/train.py`` and ``pr2 train`` run a recipe directly, without ``pr2 launch``
+    (the README's main job is a recipe's ``tiny`` variant). Problems are ``ConfigError`` s,
+    which the entry points print as one line."""
+    from megatron_pr2.errors import ConfigError
+    from megatron_pr2.rl.config import config_from_dict, load_config
+
+    if not is_recipe(path):
+        if variants:
+            raise ConfigError(
+                f"{path} is a trainer config, not a recipe: it has no variants "
+                f"(asked for {', '.join(variants)})"
+            )
+        return load_config(path, overrides)
+    try:
+        return config_from_dict(trainer_values(load_recipe(path, overrides, variants)))
+    except RecipeError as err:
+        raise ConfigError(f"{path}: {err}") from None

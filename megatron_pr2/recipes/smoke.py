@@ -6,7 +6,7 @@ schema, math_verify rewards) on a CPU in minutes. The assets are built offline: 
 facts of :data:`megatron_pr2.recipes.models.KNOWN_HF_CONFIGS` scaled down
 (:data:`SMOKE_SIZES`; ``model_type`` and the routing/normalisation flags are kept) and built with
 transformers' own classes, random weights, saved with a character tokenizer, converted with
-``pr2 convert hf-to-mcore``, plus train/val parquet files of arithmetic questions.
+``pr2 convert hf-to-mcore``, plus train/val parquet files of one-digit additions.
 
 Layout under ``OUT`` (the ``smoke`` variants name these paths, relative to the recipe)::
 
@@ -25,7 +25,7 @@ from typing import Any
 from megatron_pr2.recipes.loader import Recipe, RecipeError
 from megatron_pr2.recipes.models import load_hf_config
 from megatron_pr2.recipes.smoke_data import (
-    arithmetic_problems,
+    addition_problems,
     char_vocab_size,
     dapo_rows,
     gsm8k_rows,
@@ -66,7 +66,8 @@ SMOKE_POLICY_SHAPE = {
     "num_moe_experts": 8,
     "moe_router_topk": 2,
 }
-TRAIN_PROBLEMS, VAL_PROBLEMS = 64, 8
+#: Validation questions: a fixed sample of the 100 training ones (the task has no others).
+VAL_PROBLEMS = 32
 
 
 @dataclass(frozen=True)
@@ -132,13 +133,15 @@ def write_smoke_hf_model(config: Mapping[str, Any], folder: Path, seed: int = 0)
 
 
 def write_smoke_data(folder: Path, schema: str = "dapo", seed: int = 0) -> tuple[Path, Path]:
-    """``train.parquet`` and ``val.parquet`` of arithmetic questions in ``schema``'s columns
-    (``dapo``: DAPO-Math-17k; ``gsm8k``: question / answer ending in ``#### n``)."""
+    """``train.parquet`` (every one-digit addition) and ``val.parquet`` (a fixed sample of
+    them) in ``schema``'s columns (``dapo``: DAPO-Math-17k; ``gsm8k``: question / answer
+    ending in ``#### n``)."""
     rows = {"dapo": dapo_rows, "gsm8k": gsm8k_rows}.get(schema)
     if rows is None:
         raise ValueError(f"unknown smoke data schema {schema!r} (dapo, gsm8k)")
-    train = write_parquet(folder / "train.parquet", rows(arithmetic_problems(TRAIN_PROBLEMS, seed)))
-    val = write_parquet(folder / "val.parquet", rows(arithmetic_problems(VAL_PROBLEMS, seed + 1)))
+    train = write_parquet(folder / "train.parquet", rows(addition_problems(seed)))
+    val_problems = addition_problems(seed + 1)[:VAL_PROBLEMS]
+    val = write_parquet(folder / "val.parquet", rows(val_problems))
     return train, val
 
 

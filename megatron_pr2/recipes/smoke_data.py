@@ -18,7 +18,7 @@ from typing import Any
 __all__ = [
     "CHARS",
     "SPECIALS",
-    "arithmetic_problems",
+    "addition_problems",
     "char_vocab_size",
     "dapo_rows",
     "gsm8k_rows",
@@ -63,16 +63,18 @@ def save_char_tokenizer(directory: Path, chat_template: bool = True) -> Path:
     return directory
 
 
-def arithmetic_problems(count: int, seed: int = 0) -> list[tuple[str, str]]:
-    """``count`` short questions with their integer answers (``What is 3+4?``, ``7``)."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(count):
-        a, b = rng.randint(1, 9), rng.randint(1, 9)
-        op = rng.choice("+-*")
-        value = a + b if op == "+" else a - b if op == "-" else a * b
-        out.append((f"What is {a}{op}{b}?", str(value)))
-    return out
+def addition_problems(seed: int = 0, max_operand: int = 9) -> list[tuple[str, str]]:
+    """Every ``What is a+b?`` with ``0 <= a, b <= max_operand`` and its answer, in an order
+    shuffled by ``seed``. One-digit addition is what a toy model learns in a CPU minute: after
+    the supervised warm start it is right a fifth to two fifths of the time, so GRPO's groups carry reward
+    signal and the reward visibly rises (the recipes' ``tiny`` variant)."""
+    problems = [
+        (f"What is {a}+{b}?", str(a + b))
+        for a in range(max_operand + 1)
+        for b in range(max_operand + 1)
+    ]
+    random.Random(seed).shuffle(problems)
+    return problems
 
 
 def dapo_rows(problems: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:

@@ -50,10 +50,11 @@ def test_smoke_assets_have_the_recipes_architecture(recipe_dir: Path):
     described = json.loads((recipe_dir / "smoke" / "mcore" / "pr2_model.json").read_text())
     assert described["transformer_config"]["num_query_groups"] == 2
     assert (recipe_dir / "smoke" / "mcore" / "tokenizer.json").is_file()
-    recipe = load_recipe(recipe_dir / "pr2.yaml", variants=("smoke",))
-    result = check_recipe(recipe)
-    assert result.ok, format_result(recipe, result)
-    assert result.shape is not None and result.shape.num_layers == 2
+    for variant in ("smoke", "tiny"):  # tiny: the README's main job, on the same assets
+        recipe = load_recipe(recipe_dir / "pr2.yaml", variants=(variant,))
+        result = check_recipe(recipe)
+        assert result.ok, format_result(recipe, result)
+        assert result.shape is not None and result.shape.num_layers == 2
 
 
 def _config(recipe_dir: Path, mode_file: str, out: Path, *overrides: str):

@@ -60,7 +60,8 @@ def test_shipped_recipe_passes(path: Path):
 
 @pytest.mark.parametrize(
     ("path", "variant"),
-    [(p, v) for p in MODE_FILES for v in _variants(p) if v != "smoke"],  # smoke: its own test
+    # smoke and tiny run on the smoke assets: test_recipe_smoke checks them
+    [(p, v) for p in MODE_FILES for v in _variants(p) if v not in ("smoke", "tiny")],
     ids=lambda x: x if isinstance(x, str) else f"{x.parent.name}/{x.stem}",
 )
 def test_every_variant_passes(path: Path, variant: str):
@@ -388,3 +389,25 @@ def test_pipeline_parallel_layout_warns_that_rollouts_lose_the_kv_cache():
     recipe, result = _check(QWEN, variants=("nodes8",))
     assert result.ok, format_result(recipe, result)
     assert any("PP=2" in w and "generation.backend=vllm" in w for w in result.warnings)
+
+
+def test_trainer_entry_points_run_a_recipe_with_its_variant(tmp_path: Path):
+    """examples/train.py and ``pr2 train`` take a recipe and ``--variant`` (the README's main
+    job); a plain trainer config still loads as before and refuses variants by name."""
+    from megatron_pr2.errors import ConfigError
+    from megatron_pr2.recipes.loader import run_config
+
+    recipe = ROOT / "examples" / "recipes" / "qwen3_30b_a3b" / "pr2.yaml"
+    tiny = run_config(recipe, ["grpo.seed=7"], ["tiny"])
+    assert tiny.policy.router_replay.mode == "pr2_r3"  # the mode file over base.yaml
+    assert (tiny.grpo.max_num_steps, tiny.grpo.off_policy_steps, tiny.grpo.seed) == (60, 4, 7)
+    assert tiny.policy.model_path == str(recipe.parent / "smoke" / "mcore")
+    assert tiny.data.train_files == str(recipe.parent / "smoke" / "data" / "train.parquet")
+    assert tiny.data.reward == "math_verify"
+    assert run_config(recipe).grpo.max_num_steps == 270  # no variant: the paper's run
+    with pytest.raises(ConfigError, match=r"unknown variant 'tiny2'.*smoke.*tiny"):
+        run_config(recipe, (), ["tiny2"])
+    plain = ROOT / "examples" / "tiny" / "grpo_off4.yaml"
+    assert run_config(plain, ["grpo.seed=3"]).grpo.seed == 3
+    with pytest.raises(ConfigError, match=r"trainer config, not a recipe.*tiny"):
+        run_config(plain, (), ["tiny"])
