@@ -1,5 +1,6 @@
-"""``pr2 train CONFIG [--variant V] [key=value ...]``: the GRPO trainer on CUDA (``torchrun`` for several
-GPUs; the layout comes from ``policy.*_parallel_size``)."""
+"""``pr2 train CONFIG [--variant V] [key=value ...]``: the GRPO trainer on CUDA (``torchrun``
+for several GPUs; the layout comes from ``policy.*_parallel_size``). CONFIG is a trainer config
+or a recipe (its variants picked with ``--variant``)."""
 
 from __future__ import annotations
 

@@ -65,9 +65,9 @@ def save_char_tokenizer(directory: Path, chat_template: bool = True) -> Path:
 
 def addition_problems(seed: int = 0, max_operand: int = 9) -> list[tuple[str, str]]:
     """Every ``What is a+b?`` with ``0 <= a, b <= max_operand`` and its answer, in an order
-    shuffled by ``seed``. One-digit addition is what a toy model learns in a CPU minute: after
-    the supervised warm start it is right a fifth to two fifths of the time, so GRPO's groups carry reward
-    signal and the reward visibly rises (the recipes' ``tiny`` variant)."""
+    shuffled by ``seed``. One-digit addition is what a toy model learns in CPU minutes: after
+    the supervised warm start it is right a fifth to two fifths of the time, so GRPO's groups
+    carry reward signal and the reward visibly rises (the recipes' ``tiny`` variant)."""
     problems = [
         (f"What is {a}+{b}?", str(a + b))
         for a in range(max_operand + 1)

@@ -407,6 +407,11 @@ def test_trainer_entry_points_run_a_recipe_with_its_variant(tmp_path: Path):
     assert run_config(recipe).grpo.max_num_steps == 270  # no variant: the paper's run
     with pytest.raises(ConfigError, match=r"unknown variant 'tiny2'.*smoke.*tiny"):
         run_config(recipe, (), ["tiny2"])
+    # pr2 train's command line: --variant and key=value overrides in any order
+    from megatron_pr2.cli import build_parser
+
+    args = build_parser().parse_args(["train", str(recipe), "--variant", "tiny", "grpo.seed=7"])
+    assert (args.variant, args.overrides) == (["tiny"], ["grpo.seed=7"])
     plain = ROOT / "examples" / "tiny" / "grpo_off4.yaml"
     assert run_config(plain, ["grpo.seed=3"]).grpo.seed == 3
     with pytest.raises(ConfigError, match=r"trainer config, not a recipe.*tiny"):
